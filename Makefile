@@ -1,0 +1,48 @@
+# subspace_nb: `make test` installs what is missing into .venv, then checks everything.
+# A CUDA user picks another torch:  make install TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install export sync-check nbtest pytest test readme readme-check demo clean
+
+$(STAMP): settings.ini setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+export: install
+	$(VENV)/bin/nbdev_export
+
+# the exported package must be exactly what the notebooks say
+sync-check: export
+	@if [ -n "$$(git status --porcelain -- subspace_nb)" ]; then \
+	  git status --porcelain -- subspace_nb; \
+	  echo "subspace_nb/ differs from the notebooks: run nbdev_export and commit"; exit 1; fi
+
+nbtest: install
+	$(VENV)/bin/nbdev_test --n_workers 2 --timing
+
+pytest: install
+	$(PY) -m pytest -q tests
+
+readme: install
+	$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null > README.md
+
+readme-check: install
+	@$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null | diff -q - README.md >/dev/null \
+	  || { echo "README.md is out of date with nbs/index.ipynb: run make readme"; exit 1; }
+
+test: sync-check nbtest pytest readme-check
+
+demo: install
+	$(VENV)/bin/subspace-demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _proc
