@@ -22,13 +22,13 @@ def is_linear(layer) -> bool:
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
 def dims(layer) -> tuple[int, int]:
-    "`(n, m)` = (input features, output features) of `layer`, the paper's $W\in\mathbb{R}^{n\times m}$."
+    r"`(n, m)` = (input features, output features) of `layer`, the paper's $W\in\mathbb{R}^{n\times m}$."
     if isinstance(layer, nn.Linear): return layer.in_features, layer.out_features
     if is_conv1d(layer): return layer.weight.shape[0], layer.nf
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(layer).__name__}")
 
 def weight_of(layer) -> torch.Tensor:
-    "The weight of `layer` in torch layout `(m, n)` $=W^\top$ (a view for `Conv1D`)."
+    r"The weight of `layer` in torch layout `(m, n)` $=W^\top$ (a view for `Conv1D`)."
     dims(layer)
     return layer.weight.T if is_conv1d(layer) else layer.weight
 
@@ -58,7 +58,7 @@ def svd_top(W: torch.Tensor, r: int, q: int = 4, oversample: int = 8, seed: int 
     return (Q @ Ub)[:, :r], S[:r], Vh[:r]
 
 def pinv(W: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    "Moore-Penrose pseudo-inverse $W^\dagger$ (float32 at least)."
+    r"Moore-Penrose pseudo-inverse $W^\dagger$ (float32 at least)."
     return torch.linalg.pinv(W.to(torch.promote_types(W.dtype, torch.float32)), rtol=rtol)
 
 # %% ../nbs/00_core.ipynb #c013
@@ -80,11 +80,11 @@ def project(Wstar: torch.Tensor, cols: torch.Tensor | None = None, rows: torch.T
     return P
 
 def captured(Wstar, cols=None, rows=None) -> float:
-    "Share of $\|W^*\|_F^2$ inside the given column / row spaces (1 = fully reachable)."
+    r"Share of $\|W^*\|_F^2$ inside the given column / row spaces (1 = fully reachable)."
     return (project(Wstar, cols, rows).norm() ** 2 / Wstar.float().norm() ** 2).item()
 
 def effective_rank(W: torch.Tensor) -> float:
-    "Entropy effective rank $\exp(-\sum p_i\log p_i)$, $p = \sigma/\|\sigma\|_1$."
+    r"Entropy effective rank $\exp(-\sum p_i\log p_i)$, $p = \sigma/\|\sigma\|_1$."
     s = torch.linalg.svdvals(W.float())
     p = s / s.sum()
     p = p[p > 0]
@@ -145,11 +145,11 @@ class Tuner(nn.Module):
         return F.linear(x, W, b)
 
     def delta(self) -> torch.Tensor:
-        "The extension $\Delta W$ in torch layout; reconstruction methods override `tuned` instead."
+        r"The extension $\Delta W$ in torch layout; reconstruction methods override `tuned` instead."
         raise NotImplementedError(f"{type(self).__name__} defines neither delta() nor tuned()")
 
     def tuned(self):
-        "`(W', b')`, torch layout: the weight and bias the tuned layer amounts to. Default $W + \Delta W$, $b$."
+        r"`(W', b')`, torch layout: the weight and bias the tuned layer amounts to. Default $W + \Delta W$, $b$."
         return self.W + self.delta().to(self.W.dtype), self.base.bias
 
     def regularizer(self) -> torch.Tensor | float:
@@ -157,7 +157,7 @@ class Tuner(nn.Module):
         return 0.
 
     def merge(self):
-        "Write $\phi(W)$ (and $b'$) into the base layer; `unmerge` restores the original exactly."
+        r"Write $\phi(W)$ (and $b'$) into the base layer; `unmerge` restores the original exactly."
         if not self.linear:
             raise TypeError(f"{self.name} is not linear in the input (mode {self.mode}): it has no single weight to merge")
         if self.merged: return

@@ -120,7 +120,7 @@ def _method(model):
     return get_method(cfg['method'])
 
 def merge(model: nn.Module) -> nn.Module:
-    "Write every tuned weight $\phi(W)$ into its layer (exactly reversible with `unmerge`)."
+    r"Write every tuned weight $\phi(W)$ into its layer (exactly reversible with `unmerge`)."
     cls = _method(model)
     if not cls.linear:
         raise TypeError(f"{cls.name} is not linear in the input ({MODES[cls.mode]}): it has no weight to merge")
@@ -134,7 +134,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 def remove_tuning(model: nn.Module, merge: bool = False) -> nn.Module:
-    "Give back the plain model: tuners replaced by their layers (with $\phi(W)$ written in if `merge`)."
+    r"Give back the plain model: tuners replaced by their layers (with $\phi(W)$ written in if `merge`)."
     cls = _method(model)
     if merge and not cls.linear: raise TypeError(f"{cls.name} is not linear in the input: cannot merge")
     for n, t in tuners(model).items():

@@ -12,7 +12,7 @@ __all__ = ['LoRA']
 # %% ../nbs/20_lora.ipynb #c005
 @register
 class LoRA(Tuner):
-    "LoRA: $W + (\\alpha/r) AB$, $A$ kaiming-uniform, $B = 0$."
+    r"LoRA: $W + (\alpha/r) AB$, $A$ kaiming-uniform, $B = 0$."
     name, mode = 'lora', 'extension'
     equation = "phi(W) = W + (alpha/r) A B   (§4.1)"
     formula = 'r(n + m)'

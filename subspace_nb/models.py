@@ -26,6 +26,7 @@ def load_model(name_or_path=None, num_labels: int = 2, seed: int = 0, dtype=torc
     "`(model, tokenizer)`: a sequence classifier from a checkpoint (default: the embedded MiniLM); head seeded by `seed`."
     path = str(name_or_path or minilm_path())
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
