@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+SHELL := /bin/bash
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 .PHONY: install export sync-check nbtest pytest test readme readme-check demo clean
@@ -32,11 +33,15 @@ nbtest: install
 pytest: install
 	$(PY) -m pytest -q tests
 
+# README.md is index.ipynb, executed, as markdown
+README_CMD = $(VENV)/bin/jupyter nbconvert --to notebook --execute --stdout nbs/index.ipynb 2>/dev/null \
+	| $(VENV)/bin/jupyter nbconvert --stdin --to markdown --stdout --TagRemovePreprocessor.enabled=True --TagRemovePreprocessor.remove_cell_tags=hide 2>/dev/null
+
 readme: install
-	$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null > README.md
+	set -o pipefail; $(README_CMD) > README.md.new && mv README.md.new README.md
 
 readme-check: install
-	@$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null | diff -q - README.md >/dev/null \
+	@set -o pipefail; $(README_CMD) | diff -u README.md - \
 	  || { echo "README.md is out of date with nbs/index.ipynb: run make readme"; exit 1; }
 
 test: sync-check nbtest pytest readme-check
