@@ -171,7 +171,7 @@ def _hp(s: str):
     return k, v
 
 def demo_cli(argv=None):
-    "Command line for `demo`: subspace-demo [--method ssb] [--task SST-2] [--hp r=8] ..."
+    "Command line for `demo`: subspace-demo [--method ssb] [--task SST-2] [--hp r=8] ... (exit status 0)"
     load_all()
     p = argparse.ArgumentParser(description=demo.__doc__)
     p.add_argument('--method', default=DEFAULT_METHOD, help=f"one of: {', '.join(sorted(METHODS))}")
@@ -184,5 +184,5 @@ def demo_cli(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--hp', action='append', default=[], metavar='NAME=VALUE', help='a hyper-parameter of the method')
     a = p.parse_args(argv)
-    return demo(a.method, a.task, a.train_size, a.epochs, a.lr, a.batch_size, a.max_len, a.seed,
+    demo(a.method, a.task, a.train_size, a.epochs, a.lr, a.batch_size, a.max_len, a.seed,
                 **dict(_hp(s) for s in a.hp))
