@@ -65,7 +65,7 @@ def apply_tuning(model: nn.Module, method, targets=None, trainable=None, seed: i
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         if cls.wraps:
-            built = {n: cls(l, **hp, generator=g) for n, l in layers.items()}   # all built before any swap
+            built = {n: cls(l, **hp, generator=g).train(l.training) for n, l in layers.items()}   # all built before any swap
             model.requires_grad_(False)
             for n, t in built.items(): _set_module(model, n, t)
         else:
