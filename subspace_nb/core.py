@@ -130,13 +130,13 @@ class Tuner(nn.Module):
         return weight_of(self.base)
 
     def new(self, *shape, init='zeros', generator=None) -> nn.Parameter:
-        "A trainable parameter on the base's device and dtype: zeros, ones, or kaiming-uniform(a=sqrt 5)."
+        "A float32 trainable parameter on the base's device: zeros, ones, or kaiming-uniform(a=sqrt 5)."
         t = torch.empty(*shape, dtype=torch.float32)
         if init == 'zeros': t.zero_()
         elif init == 'ones': t.fill_(1.)
         elif init == 'kaiming': nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
         else: raise ValueError(f"init={init!r}: expected 'zeros', 'ones' or 'kaiming'")
-        return nn.Parameter(t.to(device=self.W.device, dtype=self.W.dtype))
+        return nn.Parameter(t.to(self.W.device))
 
     def forward(self, x):
         return self.base(x) if self.merged else self.forward_tuned(x)

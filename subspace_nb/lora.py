@@ -30,7 +30,7 @@ class LoRA(Tuner):
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward_tuned(self, x):
-        return self.base(x) + self.s * (self.drop(x) @ self.A.T @ self.B.T)
+        return self.base(x) + (self.s * (self.drop(x).to(self.A.dtype) @ self.A.T @ self.B.T)).to(x.dtype)
 
     def delta(self): return self.s * (self.B @ self.A)            # Delta W^T, (m, n)
 

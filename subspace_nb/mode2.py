@@ -35,9 +35,8 @@ class Scaling(Tuner):
 
     def __init__(self, base, generator=None):
         super().__init__(base)
-        ones = lambda k: nn.Parameter(torch.ones(k, device=self.W.device))           # float32 at any base dtype
-        self.l_in = ones(self.n) if 'in' in self.sides else None                     # D1 = diag(l_in),  (n,)
-        self.l_out = ones(self.m) if 'out' in self.sides else None                   # D2 = diag(l_out), (m,)
+        self.l_in = self.new(self.n, init='ones') if 'in' in self.sides else None    # D1 = diag(l_in),  (n,)
+        self.l_out = self.new(self.m, init='ones') if 'out' in self.sides else None  # D2 = diag(l_out), (m,)
 
     def forward_tuned(self, x):
         if self.l_in is not None: x = x * self.l_in.to(x.dtype)                     # x D1

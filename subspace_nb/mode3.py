@@ -89,7 +89,7 @@ class DiffPruning(Tuner):
             raise ValueError(f"alpha_init={alpha_init!r}: the initial log alpha of the gates must be a finite number")
         self.l0 = float(l0)
         dev, shape = self.W.device, (self.m, self.n)
-        self.w = nn.Parameter(torch.zeros(shape, device=dev))                               # (m, n) = w^T, float32
+        self.w = self.new(*shape)                                                           # (m, n) = w^T, float32
         self.log_alpha = nn.Parameter(torch.full(shape, float(alpha_init), device=dev))     # gate logits, float32
         self.register_buffer('mask', torch.ones(shape, dtype=torch.bool, device=dev))       # M: all ones until projected
         self.register_buffer('projected', torch.zeros((), dtype=torch.bool, device=dev))
@@ -165,7 +165,7 @@ class FishMask(Tuner):
         g = torch.Generator().manual_seed(0) if generator is None else generator
         idx = torch.randperm(self.n * self.m, generator=g)[:k].sort().values
         self.register_buffer('idx', idx.to(self.W.device))                  # flat positions in (m, n): the mask
-        self.d = nn.Parameter(torch.zeros(k, device=self.W.device))         # the k free entries' changes, float32
+        self.d = self.new(k)                                                # the k free entries' changes, float32
 
     @property
     def k(self) -> int: return self.d.numel()
