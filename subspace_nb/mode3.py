@@ -93,7 +93,6 @@ class DiffPruning(Tuner):
         self.log_alpha = nn.Parameter(torch.full(shape, float(alpha_init), device=dev))     # gate logits, float32
         self.register_buffer('mask', torch.ones(shape, dtype=torch.bool, device=dev))       # M: all ones until projected
         self.register_buffer('projected', torch.zeros((), dtype=torch.bool, device=dev))
-        self.train(base.training)                                                            # follow the model's mode
 
     def gate(self, sample: bool | None = None) -> torch.Tensor:
         "z: a hard-concrete sample (training mode, or `sample=True`), else the deterministic gate; (m, n)."

@@ -80,7 +80,7 @@ class SoftPrompt(nn.Module):
 
     def __init__(self, P: torch.Tensor, ids: torch.Tensor, at: int, limit: int | None):
         super().__init__()
-        self.P = nn.Parameter(P)                                   # (l, d): the first l rows of the augmented E
+        self.P = nn.Parameter(P.float())                           # (l, d): the first l rows of the augmented E, float32
         self.register_buffer('ids', ids, persistent=False)        # placeholder ids (the tokens P started from)
         self.at, self.limit, self._armed = at, limit, False        # insert after `at` tokens
 
@@ -242,10 +242,10 @@ class Prefixes(nn.Module):
     r"Per attention layer $i$ the trainable $P_K^{(i)}, P_V^{(i)}\in\mathbb{R}^{l\times m_{kv}}$ of prefix tuning."
     is_tuning = True
 
-    def __init__(self, shapes: list, l: int, dtype, device):
+    def __init__(self, shapes: list, l: int, device):
         super().__init__()
         self.shapes, self.l, self.recording = shapes, l, False
-        new = lambda h, d: nn.Parameter(torch.zeros(l, h * d, dtype=dtype, device=device))
+        new = lambda h, d: nn.Parameter(torch.zeros(l, h * d, device=device))      # float32, like every tuner's
         self.P_k = nn.ParameterList([new(h, d) for h, d in shapes])      # rows of the augmented W_K
         self.P_v = nn.ParameterList([new(h, d) for h, d in shapes])      # rows of the augmented W_V
 
@@ -308,7 +308,7 @@ class PrefixTuning(Tuner):
         if hasattr(model, cls.attr): raise ValueError(f"the model already has a module named {cls.attr!r}")
         mods = list(layers.values())
         w = next(mods[0].parameters())
-        pre = Prefixes([kv_heads(mod) for mod in mods], l, w.dtype, w.device)
+        pre = Prefixes([kv_heads(mod) for mod in mods], l, w.device)
         pre.impl = impl
         register_prefix_attention()
         model.add_module(cls.attr, pre)
