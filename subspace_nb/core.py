@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import math, re, importlib, pkgutil
+import math, re, importlib, pkgutil, warnings
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['MODES', 'HEAD_NAMES', 'METHODS', 'is_conv1d', 'is_linear', 'dims', 'weight_of', 'set_weight_', 'svd', 'svd_top',
            'pinv', 'orth', 'principal_angles', 'project', 'captured', 'effective_rank', 'Tuner', 'check_rank', 'in_any',
-           'head_names', 'linear_names', 'find_targets', 'register', 'load_all', 'get_method', 'taxonomy']
+           'head_names', 'shares_storage', 'output_layers', 'linear_names', 'find_targets', 'register', 'load_all',
+           'get_method', 'taxonomy']
 
 # %% ../nbs/00_core.ipynb #c005
 def is_conv1d(layer) -> bool:
@@ -122,12 +123,25 @@ class Tuner(nn.Module):
             raise TypeError(f"{self.name} tunes nn.Linear or Conv1D layers, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.n, self.m = dims(base)
-        self.merged = False
+        self.merged, self.disabled = False, False
+        self.register_state_dict_post_hook(_base_names_out)          # checkpoints keep the layer's own names
+        self.register_load_state_dict_pre_hook(_base_names_in)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
+
+    @classmethod
+    def build(cls, name: str, layer: nn.Module, generator=None, **hp):
+        "The tuner for the layer called `name`. Default: `cls(layer, **hp)`; a method whose form depends on where the layer sits overrides it."
+        return cls(layer, **hp, generator=generator)
 
     @property
     def W(self) -> torch.Tensor:
-        "The frozen weight, torch layout `(m, n)`."
-        return weight_of(self.base)
+        "The frozen weight $W$, torch layout `(m, n)` (the original one, also while merged)."
+        return self._saved[0] if self.merged else weight_of(self.base)
+
+    @property
+    def b(self) -> torch.Tensor | None:
+        "The frozen bias $b$ (None if the layer has none), the original one also while merged."
+        return self._saved[1] if self.merged else self.base.bias
 
     def new(self, *shape, init='zeros', generator=None) -> nn.Parameter:
         "A float32 trainable parameter on the base's device: zeros, ones, or kaiming-uniform(a=sqrt 5)."
@@ -139,7 +153,10 @@ class Tuner(nn.Module):
         return nn.Parameter(t.to(self.W.device))
 
     def forward(self, x):
-        return self.base(x) if self.merged else self.forward_tuned(x)
+        if self.disabled: return self.base(x)                         # `disable_tuning`: the plain layer
+        if not self.merged: return self.forward_tuned(x)
+        if self._versions() != self._merged_at: self.unmerge(); self.merge()   # changed since merge: never stale
+        return self.base(x)
 
     def forward_tuned(self, x):
         "Default: apply the tuned weight. Methods override this with a cheaper form."
@@ -151,15 +168,23 @@ class Tuner(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} defines neither delta() nor tuned()")
 
     def tuned(self):
-        r"`(W', b')`, torch layout: the weight and bias the tuned layer amounts to. Default $W + \Delta W$, $b$."
-        return self.W + self.delta().to(self.W.dtype), self.base.bias
+        r"`(W', b')`, torch layout, deterministic: what the layer amounts to. Default $W + \Delta W$ in float32, rounded once."
+        return (self.W.float() + self.delta().float()).to(self.W.dtype), self.b
 
     def regularizer(self) -> torch.Tensor | float:
         "A term the training loop adds to the loss. None by default."
         return 0.
 
-    def merge(self):
-        r"Write $\phi(W)$ (and $b'$) into the base layer; `unmerge` restores the original exactly."
+    # -- merging -----------------------------------------------------------------------------------------------
+    def _own(self):
+        "The tuner's own tensors (parameters and buffers outside `base`)."
+        return [t for n, t in (*self.named_parameters(), *self.named_buffers()) if not n.startswith('base.')]
+
+    def _versions(self) -> int:
+        return sum(t._version for t in self._own())                    # bumped by every in-place change
+
+    def merge(self, safe: bool = False):
+        r"Write $\phi(W)$ (and $b'$) into the base layer; `unmerge` restores the original exactly. `safe`: refuse NaN/inf."
         if not self.linear:
             raise TypeError(f"{self.name} is not linear in the input (mode {self.mode}): it has no single weight to merge")
         if self.merged: return
@@ -168,10 +193,12 @@ class Tuner(nn.Module):
             b0 = self.base.bias
             if b1 is not None and b0 is None:
                 raise TypeError(f"{self.name} changes a bias the layer does not have; cannot merge")
+            if safe and not (torch.isfinite(W1).all() and (b1 is None or torch.isfinite(b1).all())):
+                raise ValueError(f"{self.name}: the tuned weight holds NaN or inf; nothing was merged")
             self._saved = (self.W.detach().clone(), None if b0 is None else b0.detach().clone())
             set_weight_(self.base, W1)
             if b0 is not None and b1 is not None: b0.copy_(b1)
-        self.merged = True
+        self.merged, self._merged_at = True, self._versions()
 
     def unmerge(self):
         "Restore the base layer's original weight and bias, bit for bit."
@@ -183,6 +210,32 @@ class Tuner(nn.Module):
         del self._saved
         self.merged = False
 
+    def train(self, mode: bool = True):
+        if mode and self.merged:                                       # a merged layer would train nothing
+            warnings.warn(f"{self.name}: train() on a merged model unmerges it (the tuner trains, not the merged weight)")
+            self.unmerge()
+        return super().train(mode)
+
+    # -- the method's training protocol (run by name: `prepare`, `step_end`, `finish` in 01_inject) --------------
+    @classmethod
+    def prepare(cls, model: nn.Module, batches):
+        "Before training, with the training batches (e.g. FishMask's Fisher scores). Nothing by default."
+
+    @classmethod
+    def step_end(cls, model: nn.Module, step: int, total: int):
+        "After each optimizer step, gradients still present (e.g. AdaLoRA's rank allocator). Nothing by default."
+
+    @classmethod
+    def finish(cls, model: nn.Module):
+        "After training (e.g. diff pruning's projection). Nothing by default."
+
+    @classmethod
+    def enable(cls, model: nn.Module, on: bool):
+        "Switch a method that does not wrap layers on or off (`disable_tuning`). By default it cannot be switched off."
+        raise TypeError(f"{cls.name} changes the model's own parameters in place: there is no separate base model "
+                        "to run (no separate base); compare against a copy of the model made before tuning")
+
+    # -- counting and selecting ----------------------------------------------------------------------------------
     @classmethod
     def n_params(cls, n: int, m: int, **hp) -> int:
         "Trainable parameters for one layer with `n` inputs and `m` outputs: `formula` as code."
@@ -205,6 +258,28 @@ class Tuner(nn.Module):
 
     def extra_repr(self): return f"n={self.n}, m={self.m}" + (", merged" if self.merged else "")
 
+def _base_names_out(tuner, state, prefix, meta):
+    "state_dict hook: the wrapped layer's tensors under the layer's own names (the original W even when merged)."
+    saved = getattr(tuner, '_saved', None) if tuner.merged else None
+    for k in [k for k in state if k.startswith(prefix + 'base.')]:
+        v = state.pop(k)
+        name = k[len(prefix) + 5:]
+        if saved is not None and name in ('weight', 'bias'):
+            orig = saved[0] if name == 'weight' else saved[1]
+            v = orig.T if (name == 'weight' and is_conv1d(tuner.base)) else orig
+        state[prefix + name] = v
+
+def _base_names_in(tuner, state, prefix, meta, strict, missing, unexpected, errors):
+    "load_state_dict pre-hook: the layer's own names back to `base.*`; a merged tuner is unmerged first."
+    tuner._remerge = tuner.merged
+    tuner.unmerge()
+    own = {n for n, _ in tuner.base.named_parameters()} | {n for n, _ in tuner.base.named_buffers()}
+    for n in own:
+        if prefix + n in state: state[prefix + 'base.' + n] = state.pop(prefix + n)
+
+def _remerge_after_load(tuner, incompatible):
+    if tuner.__dict__.pop('_remerge', False): tuner.merge()
+
 # %% ../nbs/00_core.ipynb #c019
 def check_rank(r: int, n: int, m: int, name: str = 'r'):
     "Raise a clear error unless `0 < r <= min(n, m)`."
@@ -220,9 +295,23 @@ def in_any(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + '.') for p in prefixes)
 
 def head_names(model: nn.Module) -> list[str]:
-    "Top-level task-head modules of `model` (classifier, pooler, ...), found by name."
+    "Top-level task-head modules of `model` (classifier, pooler, lm_head, ...), found by name."
     return [n for n, _ in model.named_modules() if n and n.split('.')[-1] in HEAD_NAMES
             and not any(n.startswith(h + '.') for h in HEAD_NAMES)]
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    "Do `a` and `b` live in the same memory (the same parameter, tied weights, views)? Meta tensors: only if identical."
+    if a is b: return True
+    if a.device != b.device or a.device.type == 'meta': return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+def output_layers(model: nn.Module) -> list[str]:
+    "Layers that write the model's outputs: the heads, and any layer whose weight is the input embedding's (tied)."
+    out = head_names(model)
+    get = getattr(model, 'get_input_embeddings', None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Embedding): return out
+    return out + [n for n, l in model.named_modules() if is_linear(l) and n not in out and shares_storage(l.weight, emb.weight)]
 
 def linear_names(model: nn.Module) -> list[str]:
     "Names of all `nn.Linear`/`Conv1D` modules of `model`."
@@ -231,18 +320,24 @@ def linear_names(model: nn.Module) -> list[str]:
 def _short(names, k=12):
     return ', '.join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else '')
 
+def _named(mods: dict, targets) -> dict:
+    if targets == 'all-linear': return {n: l for n, l in mods.items() if is_linear(l)}
+    if isinstance(targets, str): return {n: l for n, l in mods.items() if re.fullmatch(targets, n)}
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
+        return {n: l for n, l in mods.items() if any(n == t or n.endswith('.' + t) for t in targets)}
+    raise TypeError(f"targets={targets!r}: expected a list of name suffixes, a regex string or 'all-linear'")
+
 def find_targets(model: nn.Module, targets, exclude=()) -> dict:
     "Modules of `model` named by `targets` (suffix list, regex, or 'all-linear'), minus `exclude`; name -> module."
-    mods = {n: l for n, l in model.named_modules() if n and not in_any(n, exclude)}
-    if targets == 'all-linear':
-        found = {n: l for n, l in mods.items() if is_linear(l)}
-    elif isinstance(targets, str):
-        found = {n: l for n, l in mods.items() if re.fullmatch(targets, n)}
-    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
-        found = {n: l for n, l in mods.items() if any(n == t or n.endswith('.' + t) for t in targets)}
-    else:
-        raise TypeError(f"targets={targets!r}: expected a list of name suffixes, a regex string or 'all-linear'")
+    mods = {n: l for n, l in model.named_modules() if n}
+    skip = list(exclude) + (output_layers(model) if targets == 'all-linear' else [])
+    found = {n: l for n, l in _named(mods, targets).items() if not in_any(n, skip)}
     if not found:
+        held = [n for n in _named(mods, targets) if in_any(n, exclude)]
+        if held:
+            raise ValueError(f"targets={targets!r} names only the task head ({_short(held)}), which stays fully "
+                             f"trainable (trainable={list(exclude)}). To tune it with the method instead, pass "
+                             f"trainable=[] together with these targets")
         raise ValueError(f"targets={targets!r} matched no module. The model's linear layers are: "
                          f"{_short(linear_names(model))}")
     return found

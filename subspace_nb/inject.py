@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_inject.ipynb #c002
 from __future__ import annotations
-import json, inspect
+import json, inspect, contextlib, warnings, logging
 from pathlib import Path
 import torch
 from torch import nn
@@ -13,9 +13,10 @@ from .core import *
 from .core import _short
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'CONFIG', 'hparams', 'check_hparams', 'tuners', 'default_trainable', 'apply_tuning', 'added_params',
-           'report', 'show_report', 'merge', 'unmerge', 'remove_tuning', 'tuning_state', 'save_tuning', 'load_tuning',
-           'param_groups', 'regularizer', 'FullFT']
+__all__ = ['WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hparams', 'check_hparams', 'tuners',
+           'default_trainable', 'layer_shapes', 'apply_tuning', 'added_params', 'report', 'show_report',
+           'shared_weights', 'merge', 'unmerge', 'remove_tuning', 'disable_tuning', 'tuning_state', 'save_tuning',
+           'check_config', 'read_tuning', 'load_tuning', 'param_groups', 'regularizer', 'FullFT']
 
 # %% ../nbs/01_inject.ipynb #c005
 def hparams(cls) -> dict:
@@ -46,6 +47,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
+def _check_json(what: str, value):
+    try: json.dumps(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}={value!r}: expected JSON values (numbers, strings, booleans, lists, dicts), so that "
+                        "the tuning can be saved and loaded without running code") from None
+
+def layer_shapes(layers: dict) -> dict:
+    "name -> the shapes of the layer's own parameters: the fingerprint of the base model a tuning was made for."
+    return {n: [list(p.shape) for p in l.parameters(recurse=False)] for n, l in layers.items()}
+
 def apply_tuning(model: nn.Module, method, targets=None, trainable=None, seed: int = 0, **hp) -> nn.Module:
     "Tune `model` in place with `method` (a registered name) on `targets`; everything else frozen except `trainable`."
     cls = get_method(method)
@@ -54,18 +65,21 @@ def apply_tuning(model: nn.Module, method, targets=None, trainable=None, seed: i
                          "call remove_tuning(model) before applying another method")
     if tuners(model): raise ValueError(f"the model already contains tuners: {_short(list(tuners(model)))}")
     check_hparams(cls, hp)
+    _check_json('hyper-parameters', hp)
+    if not isinstance(seed, int) or isinstance(seed, bool): raise TypeError(f"seed={seed!r}: expected an int")
     keep = default_trainable(model) if trainable is None else list(trainable)
     names = {n for n, _ in model.named_modules()}
     missing = [k for k in keep if k not in names]
     if missing: raise ValueError(f"trainable={missing} names no module of the model; top-level modules: "
                                  f"{_short([n for n, _ in model.named_children()])}")
     targets = cls.targets if targets is None else targets
+    _check_json('targets', targets)
     layers = cls.select(model, targets, exclude=keep)
     g = torch.Generator().manual_seed(seed)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         if cls.wraps:
-            built = {n: cls(l, **hp, generator=g).train(l.training) for n, l in layers.items()}   # all built before any swap
+            built = {n: cls.build(n, l, generator=g, **hp).train(l.training) for n, l in layers.items()}  # all before any swap
             model.requires_grad_(False)
             for n, t in built.items(): _set_module(model, n, t)
         else:
@@ -75,8 +89,11 @@ def apply_tuning(model: nn.Module, method, targets=None, trainable=None, seed: i
         for n, p in model.named_parameters(): p.requires_grad_(flags.get(n, True))
         raise
     for k in keep: model.get_submodule(k).requires_grad_(True)
-    model.subspace = dict(method=cls.name, targets=targets, layers=list(layers), hp=hp, trainable=keep, seed=seed,
+    model.subspace = dict(method=cls.name, targets=list(targets) if isinstance(targets, tuple) else targets,
+                          layers=list(layers), shapes=layer_shapes(layers), hp=hp, trainable=keep, seed=seed,
                           frozen_before=[n for n, f in flags.items() if not f])
+    if hasattr(getattr(model, 'config', None), 'to_json_string'):
+        model.config.subspace = model.subspace          # written into config.json by every Hugging Face save path
     return model
 
 # %% ../nbs/01_inject.ipynb #c013
@@ -121,11 +138,36 @@ def _method(model):
     if not cfg: raise ValueError("the model is not tuned: call apply_tuning first")
     return get_method(cfg['method'])
 
-def merge(model: nn.Module) -> nn.Module:
-    r"Write every tuned weight $\phi(W)$ into its layer (exactly reversible with `unmerge`)."
-    cls = _method(model)
+def shared_weights(model: nn.Module) -> dict:
+    "Tuners whose layer's weight is also used elsewhere in `model` (tied embeddings): tuner name -> the other names."
+    out = {}
+    for tn, t in tuners(model).items():
+        w = weight_of(t.base)
+        others = [n for n, p in model.named_parameters(remove_duplicate=False)
+                  if not in_any(n, [tn]) and shares_storage(p, w)]
+        if others: out[tn] = others
+    return out
+
+def _check_mergeable(model, cls, safe: bool):
     if not cls.linear:
         raise TypeError(f"{cls.name} is not linear in the input ({MODES[cls.mode]}): it has no weight to merge")
+    tied = shared_weights(model)
+    if tied:
+        k, v = next(iter(tied.items()))
+        raise ValueError(f"cannot merge: the weight of {_short(list(tied))} is shared with {_short(v)} (tied weights); "
+                         f"merging would change those too. Keep the model unmerged, or untie the weights first "
+                         f"(e.g. load it with tie_word_embeddings=False)")
+    if safe:                                           # every phi(W) checked before anything is written
+        with torch.no_grad():
+            for n, t in tuners(model).items():
+                if t.merged: continue
+                W1, b1 = t.tuned()
+                if not (torch.isfinite(W1).all() and (b1 is None or torch.isfinite(b1).all())):
+                    raise ValueError(f"safe merge: the tuned weight of {n} holds NaN or inf; nothing was merged")
+
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    r"Write every tuned weight $\phi(W)$ into its layer (exactly reversible with `unmerge`); `safe`: check for NaN/inf first."
+    _check_mergeable(model, _method(model), safe)
     for t in tuners(model).values(): t.merge()
     return model
 
@@ -138,7 +180,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def remove_tuning(model: nn.Module, merge: bool = False) -> nn.Module:
     r"Give back the plain model: tuners replaced by their layers (with $\phi(W)$ written in if `merge`)."
     cls = _method(model)
-    if merge and not cls.linear: raise TypeError(f"{cls.name} is not linear in the input: cannot merge")
+    if merge: _check_mergeable(model, cls, safe=False)
     for n, t in tuners(model).items():
         t.merge() if merge else t.unmerge()
         t.__dict__.pop('_saved', None)
@@ -147,10 +189,32 @@ def remove_tuning(model: nn.Module, merge: bool = False) -> nn.Module:
     frozen = set(model.subspace['frozen_before'])
     for n, p in model.named_parameters(): p.requires_grad_(n not in frozen)
     del model.subspace
+    if getattr(getattr(model, 'config', None), 'subspace', None) is not None: del model.config.subspace
     return model
+
+# %% ../nbs/01_inject.ipynb #c030
+@contextlib.contextmanager
+def disable_tuning(model: nn.Module):
+    "Context manager: inside it `model` computes as the plain base model; the tuning is restored on exit, even after an error."
+    cls = _method(model)
+    ts = list(tuners(model).values())
+    merged = [t for t in ts if t.merged]
+    if not cls.wraps: cls.enable(model, False)         # raises for methods that have no separate base
+    try:
+        for t in merged: t.unmerge()
+        for t in ts: t.disabled = True
+        yield model
+    finally:
+        for t in ts: t.disabled = False
+        for t in merged: t.merge()
+        if not cls.wraps: cls.enable(model, True)
 
 # %% ../nbs/01_inject.ipynb #c019
 WEIGHTS, CONFIG = 'tuning.safetensors', 'tuning.json'
+FORMAT = 2
+SCHEMA = dict(method=str, targets=(str, list), layers=list, shapes=dict, hp=dict, trainable=list, seed=int,
+              frozen_before=list, format=int, dtypes=list)          # the keys of tuning.json and their types
+OPTIONAL = {'shapes', 'dtypes', 'format'}                             # format 1 files have no shapes
 
 def tuning_state(model: nn.Module) -> dict:
     "What `save_tuning` writes: trainable parameters and the tuners' persistent buffers, by name."
@@ -167,34 +231,95 @@ def save_tuning(model: nn.Module, path) -> Path:
     "Save the tuning of `model` (weights + config) into folder `path`."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     state = tuning_state(model)
-    cfg = dict(model.subspace, format=1, dtypes=sorted({str(t.dtype) for t in state.values()}))
+    cfg = dict(model.subspace, format=FORMAT, dtypes=sorted({str(t.dtype) for t in state.values()}))
     save_file(state, str(path / WEIGHTS))
     (path / CONFIG).write_text(json.dumps(cfg, indent=1))
     return path
 
-def load_tuning(model: nn.Module, path) -> nn.Module:
-    "Load a tuning saved by `save_tuning` into `model`: applies the method first if `model` is not yet tuned."
+def check_config(cfg, where='tuning config') -> dict:
+    "Raise unless `cfg` is a complete, well-typed tuning config (the keys of `SCHEMA`, nothing else)."
+    if not isinstance(cfg, dict): raise ValueError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(SCHEMA))
+    missing = sorted(set(SCHEMA) - set(cfg) - OPTIONAL)
+    if unknown or missing:
+        raise ValueError(f"{where}: " + '; '.join(([f"unknown keys {unknown}"] if unknown else []) +
+                                                  ([f"missing keys {missing}"] if missing else [])) +
+                         f". Expected the keys {sorted(SCHEMA)}")
+    bad = [f"{k}={v!r} (expected {' or '.join(t.__name__ for t in (SCHEMA[k] if isinstance(SCHEMA[k], tuple) else (SCHEMA[k],)))})"
+           for k, v in cfg.items() if not isinstance(v, SCHEMA[k]) or isinstance(v, bool)]
+    if bad: raise ValueError(f"{where}: wrongly typed {', '.join(bad)}")
+    if cfg.get('format', 1) > FORMAT:
+        raise ValueError(f"{where}: format {cfg['format']} is newer than this version of subspace_nb reads ({FORMAT})")
+    return cfg
+
+def read_tuning(path) -> tuple[dict, dict]:
+    "`(config, tensors)` of a saved tuning, both checked; errors name the file. Reads JSON and safetensors only, never code."
     path = Path(path)
-    if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
-        raise FileNotFoundError(f"{path} does not hold a saved tuning ({CONFIG} and {WEIGHTS})")
-    cfg = json.loads((path / CONFIG).read_text())
-    if getattr(model, 'subspace', None):
-        if model.subspace['method'] != cfg['method']:
-            raise ValueError(f"weights saved for method {cfg['method']!r}, but the model is tuned with "
-                             f"{model.subspace['method']!r}")
-    else:
-        apply_tuning(model, cfg['method'], targets=cfg['targets'], trainable=cfg['trainable'], seed=cfg['seed'],
-                     **cfg['hp'])
-    saved, mine = load_file(str(path / WEIGHTS)), tuning_state(model)
+    for f in (CONFIG, WEIGHTS):
+        if not (path / f).is_file(): raise FileNotFoundError(f"{path} does not hold a saved tuning: {path / f} is missing")
+    try: cfg = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / CONFIG} is not readable JSON: {e}") from None
+    check_config(cfg, str(path / CONFIG))
+    try: tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    cls = get_method(cfg['method'])
+    check_hparams(cls, cfg['hp'])
+    return cfg, tensors
+
+FIELDS = ('method', 'targets', 'layers', 'hp', 'trainable', 'seed')   # what must agree with a model's tuning
+
+def _check_base(model, cfg, where):
+    "The layers the config names exist in `model` with the same shapes, else say that the base model differs."
+    cls = get_method(cfg['method'])
+    try: layers = cls.select(model, cfg['targets'], exclude=cfg['trainable'])
+    except (TypeError, ValueError) as e: layers, why = {}, str(e)
+    else: why = ''
+    if list(layers) == cfg['layers'] and cfg.get('shapes', layer_shapes(layers)) == layer_shapes(layers): return
+    saved = cfg.get('shapes', {})
+    first = next(iter(saved.items()), None)
+    raise ValueError(f"{where} was saved on another base model: it tunes {len(cfg['layers'])} layers "
+                     f"({_short(cfg['layers'], 3)}{f'; {first[0]} has shapes {first[1]}' if first else ''}), but on this "
+                     f"{type(model).__name__} its targets {cfg['targets']!r} give {len(layers)} layers "
+                     f"({_short(list(layers), 3)}{'; ' + why if why else ''})")
+
+def _check_state(saved: dict, mine: dict, where: str):
     missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
     if missing or extra:
-        raise ValueError(f"saved tuning does not fit this model: missing {_short(missing)}; unexpected {_short(extra)}")
+        raise ValueError(f"{where} does not fit this model: missing {_short(missing) or 'nothing'}; "
+                         f"unexpected {_short(extra) or 'nothing'}")
     bad = [f"{n}: saved {tuple(saved[n].shape)}, model {tuple(mine[n].shape)}" for n in saved
            if saved[n].shape != mine[n].shape]
-    if bad: raise ValueError(f"saved tuning has other shapes than this model: {_short(bad, 5)}")
+    if bad:
+        raise ValueError(f"{where} holds tensors of other shapes than this model's tuning: {_short(bad, 5)} (another "
+                         f"rank or size in the config than in the weights, or another number of labels in the head)")
+
+def load_tuning(model: nn.Module, path) -> nn.Module:
+    "Load a tuning saved by `save_tuning` into `model` (plain: the method is applied; tuned: it must be the same tuning). All or nothing."
+    cfg, saved = read_tuning(path)
+    where = str(Path(path) / WEIGHTS)
+    mine = getattr(model, 'subspace', None)
+    if mine:
+        diff = [f"{k}: saved {cfg[k]!r}, model {mine[k]!r}" for k in FIELDS if cfg[k] != mine[k]]
+        if diff: raise ValueError(f"{path} holds another tuning than the model's; fields that differ: " + '; '.join(diff))
+        _check_state(saved, tuning_state(model), where)
+    else:
+        _check_base(model, cfg, str(path))
+        conf = getattr(model, 'config', None)
+        before = getattr(conf, 'subspace', None) if conf is not None else None
+        apply_tuning(model, cfg['method'], targets=cfg['targets'], trainable=cfg['trainable'], seed=cfg['seed'], **cfg['hp'])
+        try: _check_state(saved, tuning_state(model), where)
+        except Exception:                                  # all or nothing: back to the plain model
+            remove_tuning(model)
+            if before is not None: conf.subspace = before
+            raise
+    merged = [t for t in tuners(model).values() if t.merged]
+    for t in merged: t.unmerge()                           # never copy into a merged layer: merge again after
     live = dict(_unique(model.named_parameters())) | dict(model.named_buffers())
     with torch.no_grad():
         for n, t in saved.items(): live[n].copy_(t)
+    for t in merged: t.merge()
     return model
 
 # %% ../nbs/01_inject.ipynb #c022

@@ -43,7 +43,7 @@ class SAMParser(Tuner):
         U, V = self.U.float(), self.V.float()
         if not self.top: Wt = (V * self.S) @ U.T                                      # W'^T = V diag(s') U^T
         else: Wt = self.W.float() + (V * (self.S - self.S0)) @ U.T
-        return Wt.to(self.W.dtype), self.base.bias
+        return Wt.to(self.W.dtype), self.b
 
     @classmethod
     def n_params(cls, n, m, k=None): return min(n, m) if k is None else k

@@ -44,7 +44,7 @@ class Scaling(Tuner):
         return y if self.l_out is None else y * self.l_out.to(y.dtype)              # (x D1 W + b) D2
 
     def tuned(self):
-        Wt, b = self.W.float(), self.base.bias                                       # W^T, (m, n)
+        Wt, b = self.W.float(), self.b                                       # W^T, (m, n)
         if self.l_in is not None: Wt = Wt * self.l_in                                # (D1 W)^T = W^T D1
         if self.l_out is not None:
             Wt = self.l_out[:, None] * Wt                                            # (W D2)^T = D2 W^T

@@ -109,7 +109,7 @@ class DiffPruning(Tuner):
         return d if self.projected else d * self.gate()
 
     def tuned(self):
-        return (self.W.float() + self.delta()).to(self.W.dtype), self.base.bias
+        return (self.W.float() + self.delta()).to(self.W.dtype), self.b
 
     def forward_tuned(self, x):
         return F.linear(x, *self.tuned())         # a dense W' (the method changes any entry); one matmul
@@ -181,7 +181,7 @@ class FishMask(Tuner):
         return torch.zeros(self.m * self.n, device=self.d.device).index_add(0, self.idx, self.d).view(self.m, self.n)
 
     def tuned(self):
-        return (self.W.float() + self.delta()).to(self.W.dtype), self.base.bias
+        return (self.W.float() + self.delta()).to(self.W.dtype), self.b
 
     def forward_tuned(self, x):
         return F.linear(x, *self.tuned())                                   # W' built once per call; one matmul
