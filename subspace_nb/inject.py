@@ -16,7 +16,8 @@ from .core import _short
 __all__ = ['WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hparams', 'check_hparams', 'tuners',
            'default_trainable', 'layer_shapes', 'apply_tuning', 'added_params', 'report', 'show_report',
            'shared_weights', 'merge', 'unmerge', 'remove_tuning', 'disable_tuning', 'tuning_state', 'save_tuning',
-           'check_config', 'read_tuning', 'load_tuning', 'param_groups', 'regularizer', 'FullFT']
+           'check_config', 'read_tuning', 'load_tuning', 'param_groups', 'regularizer', 'methods_of', 'prepare',
+           'step_end', 'finish', 'FullFT']
 
 # %% ../nbs/01_inject.ipynb #c005
 def hparams(cls) -> dict:
@@ -339,6 +340,22 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
 def regularizer(model: nn.Module):
     "Sum of the tuners' regularisers (0 when none has one)."
     return sum((t.regularizer() for t in tuners(model).values()), 0.)
+
+def methods_of(model: nn.Module) -> list[type]:
+    "The method classes a tuned model runs, in the order their protocol hooks run."
+    return [_method(model)]
+
+def prepare(model: nn.Module, batches):
+    "The methods' data-dependent preparation before training (FishMask's Fisher scores), with the training batches."
+    for cls in methods_of(model): cls.prepare(model, batches)
+
+def step_end(model: nn.Module, step: int, total: int):
+    "The methods' per-step updates after optimizer step `step` (0-based) of `total`, gradients still present."
+    for cls in methods_of(model): cls.step_end(model, step, total)
+
+def finish(model: nn.Module):
+    "The methods' end-of-training steps (diff pruning's projection)."
+    for cls in methods_of(model): cls.finish(model)
 
 # %% ../nbs/01_inject.ipynb #c025
 @register
