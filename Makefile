@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SHELL := /bin/bash
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install export sync-check nbtest pytest test readme readme-check demo clean
+.PHONY: install export sync-check nbtest pytest test readme readme-check demo clean docs docs-check
 
 $(STAMP): settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,7 +44,28 @@ readme-check: install
 	@set -o pipefail; $(README_CMD) | diff -u README.md - \
 	  || { echo "README.md is out of date with nbs/index.ipynb: run make readme"; exit 1; }
 
-test: sync-check nbtest pytest readme-check
+test: sync-check nbtest pytest readme-check docs-check
+
+# the site: the notebooks as committed (never executed) and the API reference, into _docs/ (docs/build.py)
+DOCS_STAMP := $(VENV)/.docs-installed
+MATHJAX    := docs/node_modules/mathjax/es5/tex-chtml-full.js
+
+$(DOCS_STAMP): $(STAMP) docs/requirements.txt
+	$(PY) -m pip install -q -r docs/requirements.txt
+	touch $@
+
+$(MATHJAX): docs/package.json docs/package-lock.json
+	cd docs && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+docs: $(DOCS_STAMP) $(MATHJAX)
+	$(PY) docs/build.py
+
+# serve _docs/ locally, open pages in headless Chromium (Debian's, installed when missing), crawl every link
+docs-check: docs
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	$(PY) tools/docs_check.py
 
 demo: install
 	$(VENV)/bin/subspace-demo
