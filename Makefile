@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SHELL := /bin/bash
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install export sync-check nbtest pytest test readme readme-check demo clean docs docs-check
+.PHONY: install export sync-check nbtest pytest test-min test readme readme-check demo clean docs docs-check
 
 $(STAMP): settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -72,3 +72,9 @@ demo: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _proc
+
+# benchmarks against HF PEFT and the frozen-model limit (about an hour on 2 cores); tables on stdout, JSON in bench_results/
+# a plumbing check at toy size: make bench BENCH_ARGS=--quick;  some parts: make bench BENCH_ARGS='--parts steps,memory'
+.PHONY: bench
+bench: install
+	$(PY) -c "from subspace_nb.bench import main; main()" $(BENCH_ARGS)
