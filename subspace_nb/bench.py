@@ -533,10 +533,13 @@ def op_diff(a: dict, b: dict, k: int = 10) -> str:
 
 # %% ../nbs/60_benchmarks.ipynb #c043
 def profile_report(model='minilm', seq: int = 64, batch: int = 32, r: int = 8, steps: int = 3, threads: int | None = 2,
-                   pairs=(('ours:lora', 'limit'), ('ours:lora', 'peft:lora'), ('ours:ia3', 'limit'), ('ours:ssb', 'limit'))) -> dict:
-    "Operator-level profiles (ms per step) of the entries in `pairs`, and the operators that differ most between each pair."
+                   pairs=None) -> dict:
+    "Operator profiles (ms per step) of `pairs` of entries (default: every PEFT pair, LoRA and the scaling methods vs the limit)."
     if threads: torch.set_num_threads(threads)
     load_all()
+    if pairs is None:
+        pairs = [(f'ours:{n}', f'peft:{n}') for n in paired_methods()] + [
+            (f'ours:{n}', 'limit') for n in ('lora', 'ia3', 'ssl', 'ssb') if n in METHODS]
     keys = [k for k in dict.fromkeys(k for p in pairs for k in p) if k == 'limit' or k.split(':')[1] in METHODS]
     prof = {}
     for k in keys:
@@ -551,7 +554,7 @@ def profile_report(model='minilm', seq: int = 64, batch: int = 32, r: int = 8, s
 # %% ../nbs/60_benchmarks.ipynb #c047
 def _covered(t, x) -> bool:
     "Does a LoRA prototype cover this call? float32-like input, no dropout while training, no MPC_n, frozen W."
-    return (x.dtype == t.A.dtype and t.mpc != 'n' and not t.W.requires_grad
+    return (x.dtype == t.A.dtype and getattr(t, 'mpc', None) != 'n' and not t.W.requires_grad
             and not (t.training and not isinstance(t.drop, nn.Identity)))
 
 class LoRAFoldedScale(LoRA):
