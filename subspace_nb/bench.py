@@ -767,7 +767,7 @@ def run_benchmarks(parts=PARTS, quick: bool = False, out='bench_results', rounds
         r = svd_bench(8192, kinds=('decay',), top_repeats=1)
         done('svd8192', r, show_svd(r))
     if 'sweeps' in parts:
-        sw = dict(model=mdl, seq=seqs[0], batch=b, rounds=2 if quick else 5)
+        sw = dict(model=mdl, seq=seqs[0], batch=b, rounds=2 if quick else 4, warmup=1)
         r = (sweep('r', (2, 8) if quick else (2, 4, 8, 16, 32, 64), **sw)
              + sweep('seq', (16, 32) if quick else (32, 64, 128, 256, 512), **sw)
              + sweep('width', (64, 128) if quick else (128, 256, 512, 768, 1024), **sw))
