@@ -44,7 +44,32 @@ readme-check: install
 	@set -o pipefail; $(README_CMD) | diff -u README.md - \
 	  || { echo "README.md is out of date with nbs/index.ipynb: run make readme"; exit 1; }
 
-test: sync-check nbtest pytest readme-check docs-check
+# The suite on the oldest versions settings.ini claims: a second venv, rebuilt from scratch whenever settings.ini
+# changes, with every requirement `pkg>=X` installed as `pkg==X` (tools/min_requirements.py derives the pins, so they
+# are the declared floors and nothing else; torch first, from the same pin, so no other torch build is pulled in).
+# Packages we do not declare get whatever pip resolves with those pins. The package itself goes in with --no-deps.
+# MIN_TEST_TOOLS: what tests/ imports beyond the requirements, at current versions: pytest, and peft (dev extra:
+# the tests that compare against HF PEFT import it).
+MINVENV        := .venv-min
+MINPY          := $(MINVENV)/bin/python
+MINSTAMP       := $(MINVENV)/.installed
+MIN_TEST_TOOLS ?= pytest peft
+
+$(MINSTAMP): settings.ini setup.py tools/min_requirements.py
+	rm -rf $(MINVENV)
+	python3 -m venv $(MINVENV)
+	$(MINPY) -m pip install -q --upgrade pip
+	pins=$$(python3 tools/min_requirements.py torch) && $(MINPY) -m pip install -q $$pins
+	pins=$$(python3 tools/min_requirements.py) && $(MINPY) -m pip install -q $$pins $(MIN_TEST_TOOLS)
+	$(MINPY) -m pip install -q --no-deps -e .
+	touch $@
+
+# every declared floor installed exactly and importable, then the pytest suite
+test-min: $(MINSTAMP)
+	$(MINPY) tools/min_requirements.py --check
+	$(MINPY) -m pytest -q tests
+
+test: sync-check nbtest pytest readme-check docs-check test-min
 
 # the site: the notebooks as committed (never executed) and the API reference, into _docs/ (docs/build.py)
 DOCS_STAMP := $(VENV)/.docs-installed
