@@ -50,6 +50,12 @@ class Bottleneck(Tuner):
                              f"layer's {k} inputs / {m} outputs; expected r <= {min(k, m) // cls.width}")
         return b
 
+    @classmethod
+    def select(cls, model, targets, exclude=()):
+        "The structural places of `PLACES` (see `insertion_points` below), or layers by name like every method."
+        if targets in PLACES: return insertion_points(model, targets, exclude)
+        return super().select(model, targets, exclude)
+
     def forward_tuned(self, x):
         y = self.base(x)                                                    # x W + b0
         z = (y if self.serial else x).to(self.A.dtype)
@@ -123,13 +129,6 @@ def insertion_points(model: nn.Module, where: str = 'sublayer-outputs', exclude=
     return out
 
 # %% ../nbs/24_adapters.ipynb #c017
-def _select(cls, model, targets, exclude=()):
-    if targets in PLACES: return insertion_points(model, targets, exclude)
-    return Tuner.select.__func__(cls, model, targets, exclude)
-
-Bottleneck.select = classmethod(_select)
-
-# %% ../nbs/24_adapters.ipynb #c019
 @register
 class HAdapter(Bottleneck):
     r"Houlsby adapters: $y \to y + h(yA + a)B + c$ after the attention output and the FFN output of every block (eq. 22), $b = 4r$."
@@ -138,7 +137,7 @@ class HAdapter(Bottleneck):
     equation = "y -> y + h(y A + a) B + c on each block's attention output and FFN output, before the residual add   (eq. 22)"
     formula = '2mb + b + m per adapter, b = 4r; two adapters per block (m = the hidden size)'
 
-# %% ../nbs/24_adapters.ipynb #c023
+# %% ../nbs/24_adapters.ipynb #c021
 @register
 class PAdapter(Bottleneck):
     r"Pfeiffer adapter: $y \to y + h(yA + a)B + c$ after the FFN output of every block only (eq. 22), $b = 8r$."
@@ -147,7 +146,7 @@ class PAdapter(Bottleneck):
     equation = "y -> y + h(y A + a) B + c on each block's FFN output, before the residual add   (eq. 22)"
     formula = '2mb + b + m per block, b = 8r (m = the hidden size)'
 
-# %% ../nbs/24_adapters.ipynb #c026
+# %% ../nbs/24_adapters.ipynb #c024
 @register
 class PA(Bottleneck):
     r"Parallel adapter: $xW \to xW + s\,h(xA)B$ beside a linear layer (eq. 25), LoRA's budget $r(n+m)$, $s = \alpha/r$."
