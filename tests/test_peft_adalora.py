@@ -3,7 +3,7 @@ same gradients -> the same importance state and the same triplets dropped; the s
 The regulariser differs on purpose (eq. 20 squared and summed here, PEFT a mean of unsquared norms): checked as such."""
 import copy
 import pytest, torch
-peft = pytest.importorskip('peft')
+import peft                                   # a test-only dependency (dev extra)
 from peft import AdaLoraConfig, get_peft_model
 from subspace_nb.inject import apply_tuning, tuners, regularizer
 from subspace_nb.lora_family import AdaLoRA, adalora_budget
