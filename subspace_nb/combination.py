@@ -19,7 +19,7 @@ class DoRA(LoRA):
     r"DoRA: $W' = \mathbf m\,(W + sAB)/\lVert W + sAB\rVert_c$ (eq. 27), $\mathbf m$ = the row norms of `weight` at init."
     name, mode = 'dora', 'combination'
     equation = "phi(W) = m (W + s A B) / ||W + s A B||_c, m = ||W||_c at init (eq. 27; = W D + A B D, eq. 28)"
-    formula = 'r(n + m) + m'
+    formula = 'r(n + m) + m'               # LoRA's r(n + m) plus one magnitude per output
     no_decay = ('magnitude',)              # lengths of the output columns: decay would switch features off
     test_hp = dict(r=4)
 
@@ -62,8 +62,6 @@ class DoRA(LoRA):
     def n_params(cls, n, m, r=8, **hp): return super().n_params(n, m, r=r) + m
 
     def extra_repr(self): return super().extra_repr() + ("" if self.detach_norm else ", norm not detached")
-
-DoRA.formula = 'r(n + m) + m'              # LowRank declares r(n + m) for every subclass; the magnitudes add m
 
 # %% ../nbs/30_combination.ipynb #c023
 def canonical_signs(U: torch.Tensor, V: torch.Tensor):
