@@ -6,8 +6,7 @@ weights, on the five tiny architectures and the embedded MiniLM. Our `pissa` is 
 training-like changes, although PEFT writes the residual into the layer and we keep the original weight."""
 import copy
 import pytest, torch
-peft = pytest.importorskip('peft')
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model   # a test-only dependency (dev extra): imported, never skipped
 from subspace_nb.inject import apply_tuning, tuners, remove_tuning
 from subspace_nb.models import ARCHS, tiny_model, tiny_batch, load_minilm
 import subspace_nb.combination  # noqa: F401  (registers the methods)
