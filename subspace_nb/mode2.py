@@ -4,12 +4,13 @@
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c002
 from __future__ import annotations
+import re
 import torch
 from torch import nn
 from .core import *
 
 # %% auto #0
-__all__ = ['SIDES', 'SCALING_TARGETS', 'Scaling', 'IA3', 'SSL', 'SSB']
+__all__ = ['SIDES', 'SCALING_TARGETS', 'FFN_DOWN', 'Scaling', 'IA3', 'SSL', 'SSB']
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c014
 SIDES = ('in', 'out')          # 'in': l_in scales the n inputs (paper D1 W); 'out': l_out scales the m outputs (W D2)
@@ -18,6 +19,8 @@ SCALING_TARGETS = ('key', 'value', 'intermediate.dense',  # BERT, RoBERTa (and D
                    'key_proj', 'value_proj',              # DeBERTa-v2/v3 attention
                    'k_proj', 'v_proj', 'up_proj',          # LLaMA: the FFN's up_proj, not gate_proj (see below)
                    'c_attn', 'c_fc')                       # GPT-2: fused q, k, v Conv1D and the FFN's first Conv1D
+
+FFN_DOWN = r'.*\.layer\.\d+\.output\.dense|.*\.mlp\.(down_proj|c_proj)'   # the FFN's second layer: BERT-like, LLaMA, GPT-2
 
 class Scaling(Tuner):
     r"Mode 2 by diagonal scaling (eq. 7): $W' = D_1 W D_2$, $b' = b D_2$; a subclass declares which `sides` train."
@@ -30,13 +33,19 @@ class Scaling(Tuner):
         s = cls.sides
         if not isinstance(s, tuple) or not s or len(set(s)) != len(s) or any(x not in SIDES for x in s):
             raise ValueError(f"{cls.__name__}.sides={s!r}: expected a non-empty tuple of distinct values from {SIDES}")
-        cls.no_decay = tuple(f'l_{x}' for x in s)               # scaling vectors stay near 1, never decayed to 0
-        cls.formula = ' + '.join('n' if x == 'in' else 'm' for x in s)
+        if 'formula' not in cls.__dict__: cls.formula = ' + '.join('n' if x == 'in' else 'm' for x in s)
+
+    no_decay = ('l_in', 'l_out')                                  # scaling vectors stay near 1, never decayed to 0
 
     def __init__(self, base, generator=None):
         super().__init__(base)
-        self.l_in = self.new(self.n, init='ones') if 'in' in self.sides else None    # D1 = diag(l_in),  (n,)
-        self.l_out = self.new(self.m, init='ones') if 'out' in self.sides else None  # D2 = diag(l_out), (m,)
+        self.place(self.sides)
+
+    def place(self, sides: tuple):
+        "Put the trainable vectors on `sides` (a subset of `SIDES`), all at 1."
+        self.sides = sides
+        self.l_in = self.new(self.n, init='ones') if 'in' in sides else None    # D1 = diag(l_in),  (n,)
+        self.l_out = self.new(self.m, init='ones') if 'out' in sides else None  # D2 = diag(l_out), (m,)
 
     def forward_tuned(self, x):
         if self.l_in is not None: x = x * self.l_in.to(x.dtype)                     # x D1
@@ -52,7 +61,7 @@ class Scaling(Tuner):
         return Wt.to(self.W.dtype), b
 
     @classmethod
-    def n_params(cls, n, m): return sum(n if x == 'in' else m for x in cls.sides)
+    def n_params(cls, n, m, sides=None): return sum(n if x == 'in' else m for x in sides or cls.sides)
 
     def extra_repr(self): return f"n={self.n}, m={self.m}, sides={self.sides}" + (", merged" if self.merged else "")
 
@@ -61,7 +70,25 @@ class Scaling(Tuner):
 class IA3(Scaling):
     r"(IA)³: $W' = W D_2$, $D_2 = \mathrm{diag}(l_{out})$, $l_{out}\in\mathbb{R}^m$ at 1; the output (bias included) is scaled."
     name, sides = 'ia3', ('out',)
-    equation = "W' = W D2, D2 = diag(l), l in R^m, l = 1 at init (eq. 7 with D1 = I; l ⊙ W)"
+    equation = ("W' = W D2 on keys and values (l in R^m), W' = D1 W on the FFN's second layer (l in R^n, after the "
+                "non-linearity); l = 1 at init (eq. 7)")
+    formula = "m per key/value layer; n per FFN second layer (its hidden width)"
+    targets = r'.*\.(key|value|key_proj|value_proj|k_proj|v_proj|c_attn)|' + FFN_DOWN
+
+    @classmethod
+    def sides_at(cls, name: str) -> tuple:
+        "The input side on the FFN's second layer, the output side elsewhere."
+        return ('in',) if re.fullmatch(FFN_DOWN, name) else ('out',)
+
+    @classmethod
+    def build(cls, name, layer, generator=None):
+        t = cls(layer, generator=generator)
+        if cls.sides_at(name) != t.sides: t.place(cls.sides_at(name))
+        return t
+
+    @classmethod
+    def count(cls, layers: dict) -> int:
+        return sum(cls.n_params(*dims(l), sides=cls.sides_at(k)) for k, l in layers.items())
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c022
 @register
