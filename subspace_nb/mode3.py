@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_mode3_complex.ipynb #c002
 from __future__ import annotations
-import math
+import math, itertools
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from .core import _short
 from .inject import tuners
 
 # %% auto #0
-__all__ = ['QV_TARGETS', 'bias_of', 'BitFit', 'check_density', 'n_entries', 'DiffPruning', 'project_diffs', 'FishMask',
+__all__ = ['QV_TARGETS', 'MASKS', 'bias_of', 'BitFit', 'check_density', 'n_entries', 'DiffPruning', 'project_diffs', 'FishMask',
            'fisher_scores', 'choose_masks', 'fish_mask_']
 
 # %% ../nbs/12_mode3_complex.ipynb #c015
@@ -103,16 +103,23 @@ class DiffPruning(Tuner):
             la = la + u.log() - (-u).log1p()
         return (torch.sigmoid(la) * (self.r - self.l) + self.l).clamp(0, 1)
 
-    def delta(self) -> torch.Tensor:
-        "The diff in torch layout (m, n), float32: M * z * w before projection, M * w after."
+    def delta(self, sample: bool = False) -> torch.Tensor:
+        "The diff in torch layout (m, n), float32: M * z * w before projection (z deterministic unless `sample`), M * w after."
         d = self.w * self.mask
-        return d if self.projected else d * self.gate()
+        return d if self.projected else d * self.gate(sample)
 
     def tuned(self):
+        "W' with the deterministic gate, whatever the mode: what merging writes."
         return (self.W.float() + self.delta()).to(self.W.dtype), self.b
 
     def forward_tuned(self, x):
-        return F.linear(x, *self.tuned())         # a dense W' (the method changes any entry); one matmul
+        W1 = (self.W.float() + self.delta(sample=self.training)).to(self.W.dtype)   # training samples the gates
+        return F.linear(x, W1, self.b)             # a dense W' (the method changes any entry); one matmul
+
+    @classmethod
+    def finish(cls, model):
+        "After training: the projection to the target density (Guo et al.'s second phase starts from it)."
+        project_diffs(model)
 
     def expected_l0(self) -> torch.Tensor:
         r"$\mathbb{E}\|z\|_0 = \sum \sigma(\log\alpha - \log(-l/r))$: the expected number of open gates."
@@ -150,21 +157,28 @@ def project_diffs(model: nn.Module, density: float | None = None) -> dict:
     return {k: int(t.project_(density).mask.sum()) for k, t in found.items()}
 
 # %% ../nbs/12_mode3_complex.ipynb #c053
+MASKS = ('fisher', 'random')
+
 @register
 class FishMask(Tuner):
-    r"FishMask: $W' = W + M\odot\Delta W$ with a fixed mask $M$ of $k$ entries (top Fisher scores; seeded random by default)."
+    r"FishMask: $W' = W + M\odot\Delta W$ with a fixed mask $M$ of $k$ entries (top Fisher scores, chosen by `prepare` before training; `mask='random'`: seeded random)."
     name, mode = 'fish-mask', 'mode3'
     equation = "W' = W + M * dW, M fixed: top-k of the empirical Fisher sum_t (dL_t/dW)^2 (Sung et al. 2021)"
     formula = 'max(1, round(density nm))'
 
-    def __init__(self, base, density: float = 0.005, generator=None):
+    def __init__(self, base, density: float = 0.005, mask: str = 'fisher', fisher_batches: int = 8, generator=None):
         super().__init__(base)
         self.density = check_density(density)
+        if mask not in MASKS: raise ValueError(f"mask={mask!r}: expected one of {MASKS}")
+        if not isinstance(fisher_batches, int) or isinstance(fisher_batches, bool) or fisher_batches < 1:
+            raise ValueError(f"fisher_batches={fisher_batches!r}: expected an int >= 1 (batches scored before training)")
+        self.how, self.fisher_batches = mask, fisher_batches
         k = n_entries(self.n, self.m, self.density)
         g = torch.Generator().manual_seed(0) if generator is None else generator
         idx = torch.randperm(self.n * self.m, generator=g)[:k].sort().values
         self.register_buffer('idx', idx.to(self.W.device))                  # flat positions in (m, n): the mask
         self.d = self.new(k)                                                # the k free entries' changes, float32
+        self.register_buffer('chosen', torch.zeros((), dtype=torch.bool, device=self.W.device))   # mask from scores yet?
 
     @property
     def k(self) -> int: return self.d.numel()
@@ -194,10 +208,21 @@ class FishMask(Tuner):
         if not torch.isfinite(scores).all(): raise ValueError("scores hold NaN or inf values")
         self.idx.copy_(scores.flatten().float().topk(self.k).indices.sort().values.to(self.idx.device))
         self.d.zero_()
+        self.chosen.fill_(True)
         return self
 
     @classmethod
-    def n_params(cls, n, m, density=0.005): return n_entries(n, m, check_density(density))
+    def prepare(cls, model, batches):
+        "Before training: masks from the Fisher scores of the first `fisher_batches` training batches (mask='fisher')."
+        ts = [t for t in tuners(model).values() if t.name == cls.name]
+        if not ts or ts[0].how != 'fisher' or all(bool(t.chosen) for t in ts): return
+        dev = ts[0].W.device
+        first = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+                 for b in itertools.islice(batches, ts[0].fisher_batches)]
+        fish_mask_(model, first)
+
+    @classmethod
+    def n_params(cls, n, m, density=0.005, mask='fisher', fisher_batches=8): return n_entries(n, m, check_density(density))
 
     def extra_repr(self): return f"n={self.n}, m={self.m}, k={self.k} ({self.density:g} of {self.n * self.m})"
 
