@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from .core import get_method, METHODS, load_all
-from .inject import apply_tuning, param_groups, regularizer, report, show_report
+from .inject import apply_tuning, param_groups, regularizer, report, show_report, prepare, step_end, finish
 from .models import load_minilm
 
 # %% auto #0
@@ -103,20 +103,24 @@ def train(model, tok, data: dict, epochs: float = 1, steps: int | None = None, l
     n_warm = int(warmup * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, n_warm) if s < n_warm else max(0.0, (total - s) / max(1, total - n_warm)))
-    model.train()
     dev, losses, epoch = _device(model), [], 0
+    prepare(model, batches(tok, data, batch_size, max_len, shuffle=True, seed=seed))   # the method's protocol: before,
+    model.train()
     bar = tqdm(total=total, disable=not progress, desc='train')
     while len(losses) < total:
         for b in batches(tok, data, batch_size, max_len, shuffle=True, seed=seed + epoch):
             out = model(**{k: v.to(dev) for k, v in b.items()})
             loss = out.loss + regularizer(model)
             loss.backward()
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            opt.step()
+            step_end(model, len(losses), total)                                          # after each step,
+            sched.step(); opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.update(1); bar.set_postfix(loss=f'{loss.item():.4f}')
             if len(losses) >= total: break
         epoch += 1
     bar.close()
+    finish(model)                                                                        # and after training
     model.eval()
     return losses
 

@@ -16,8 +16,8 @@ from .core import _short
 __all__ = ['WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hparams', 'check_hparams', 'tuners',
            'default_trainable', 'layer_shapes', 'apply_tuning', 'added_params', 'report', 'show_report',
            'shared_weights', 'merge', 'unmerge', 'remove_tuning', 'disable_tuning', 'tuning_state', 'save_tuning',
-           'check_config', 'read_tuning', 'load_tuning', 'param_groups', 'regularizer', 'methods_of', 'prepare',
-           'step_end', 'finish', 'FullFT']
+           'check_config', 'read_tuning', 'load_tuning', 'read_checkpoint', 'from_pretrained', 'param_groups',
+           'regularizer', 'methods_of', 'prepare', 'step_end', 'finish', 'FullFT']
 
 # %% ../nbs/01_inject.ipynb #c005
 def hparams(cls) -> dict:
@@ -321,6 +321,50 @@ def load_tuning(model: nn.Module, path) -> nn.Module:
     with torch.no_grad():
         for n, t in saved.items(): live[n].copy_(t)
     for t in merged: t.merge()
+    return model
+
+# %% ../nbs/01_inject.ipynb #c033
+def read_checkpoint(path) -> dict:
+    "Every tensor of the safetensors checkpoint in folder `path` (one file or shards with an index)."
+    path = Path(path)
+    index = path / 'model.safetensors.index.json'
+    files = sorted(set(json.loads(index.read_text())['weight_map'].values())) if index.is_file() else ['model.safetensors']
+    out = {}
+    for f in files:
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} is missing: from_pretrained reads safetensors checkpoints only "
+                                    "(save with safe_serialization=True, the default)")
+        try: out.update(load_file(str(path / f)))
+        except Exception as e: raise ValueError(f"{path / f} is not a readable safetensors file ({e})") from None
+    return out
+
+def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
+    "A tuned model saved by any Hugging Face save path (`save_pretrained`, `Trainer.save_model`, a checkpoint): base, head and tuning."
+    import transformers
+    from .models import quiet_transformers
+    config = transformers.AutoConfig.from_pretrained(path)
+    cfg = getattr(config, 'subspace', None)
+    if cfg is None:
+        raise ValueError(f"{path}: its config.json records no tuning (no 'subspace' entry); it is a plain model, "
+                         "load it with transformers' from_pretrained")
+    check_config(cfg, f"{Path(path) / 'config.json'} 'subspace'")
+    check_hparams(get_method(cfg['method']), cfg['hp'])
+    if model_class is None:
+        arch = (getattr(config, 'architectures', None) or [None])[0]
+        model_class = getattr(transformers, arch or '', None)
+        if model_class is None:
+            raise ValueError(f"{path}: config.json names no model class transformers knows ({arch!r}); pass model_class=")
+    with quiet_transformers(): model = model_class.from_pretrained(path, config=config, **kwargs)
+    del model.config.subspace
+    plain = set(model.state_dict())
+    apply_tuning(model, cfg['method'], targets=cfg['targets'], trainable=cfg['trainable'], seed=cfg['seed'], **cfg['hp'])
+    added = set(model.state_dict()) - plain                       # the tuners' own tensors
+    ckpt = read_checkpoint(path)
+    missing = sorted(added - set(ckpt))
+    if missing:
+        remove_tuning(model)
+        raise ValueError(f"{path}: the checkpoint lacks the tuning's tensors {_short(missing)}")
+    model.load_state_dict({k: ckpt[k] for k in added}, strict=False)
     return model
 
 # %% ../nbs/01_inject.ipynb #c022
