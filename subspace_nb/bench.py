@@ -16,7 +16,7 @@ from .models import load_minilm, tiny_model
 from .lora import LoRA
 
 # %% auto #0
-__all__ = ['PEFT_TWINS', 'TARGETS', 'PROTOTYPES', 'PARTS', 'machine', 'bench_model', 'token_batch', 'frozen_limit',
+__all__ = ['PEFT_TWINS', 'TARGETS', 'PROTOTYPES', 'PARTS', 'machine', 'bench_model', 'token_batch', 'frozen_limit', 'peft_cannot',
            'paired_methods', 'method_hp', 'peft_config', 'peft_twin', 'trainable', 'build', 'trainer', 'interleave',
            'ratio', 'compare', 'step_table', 'show_steps', 'memory_child', 'peak_memory', 'memory_table', 'show_memory',
            'perturb_', 'inference_table', 'show_inference', 'test_matrix', 'kept_errors', 'svd_bench', 'show_svd',
@@ -127,10 +127,24 @@ def _peft_prefix(m):
 PEFT_TWINS = {'lora': _peft_lora, 'dora': _peft_dora, 'adalora': _peft_adalora, 'vera': _peft_vera,
               'ia3': _peft_ia3, 'prompt-tuning': _peft_prompt, 'prefix-tuning': _peft_prefix}
 
-def paired_methods() -> list[str]:
-    "The methods of `PEFT_TWINS` registered here now (a name joins the benchmark as soon as it is registered)."
+_PEFT_RUNS: dict = {}      # name -> None if PEFT's twin runs with the installed versions, else its error
+
+def peft_cannot() -> dict:
+    "The registered twins PEFT cannot run with the installed transformers/peft: name -> the error of one training step."
     load_all()
-    return [n for n in PEFT_TWINS if n in METHODS]
+    for n in PEFT_TWINS:
+        if n in METHODS and n not in _PEFT_RUNS:
+            try:
+                p = build('peft', n, 'tiny', like=build('ours', n, 'tiny'))
+                p(**token_batch(p, 2, 8)).loss.backward()
+                _PEFT_RUNS[n] = None
+            except Exception as e: _PEFT_RUNS[n] = f"{type(e).__name__}: {e}"
+    return {n: why for n, why in _PEFT_RUNS.items() if why}
+
+def paired_methods() -> list[str]:
+    "The methods of `PEFT_TWINS` registered here and runnable by PEFT (a name joins as soon as it is registered)."
+    cannot = peft_cannot()
+    return [n for n in PEFT_TWINS if n in METHODS and n not in cannot]
 
 # %% ../nbs/60_benchmarks.ipynb #c015
 def method_hp(name: str, r: int = 8) -> dict:
@@ -223,7 +237,7 @@ def step_table(methods=None, extra=('ssl', 'ssb'), seqs=(64, 128), batch: int = 
     One group per method, [limit, ours, PEFT], interleaved round by round, so each ratio compares steps run seconds apart."""
     if threads: torch.set_num_threads(threads)
     methods = paired_methods() if methods is None else list(methods)
-    extra = [n for n in extra if n in METHODS and n not in methods]
+    extra = [n for n in dict.fromkeys((*extra, *peft_cannot())) if n in METHODS and n not in methods]
     out = dict(machine=machine(), model=model, dtype=str(dtype).split('.')[-1], device=str(device), batch=batch, r=r,
                rounds=rounds, threads=torch.get_num_threads(), seqs={})
     for s in seqs:
@@ -328,7 +342,7 @@ def peak_memory(kind, name='', model='minilm', seq=64, batch=32, r=8, dtype='flo
 def memory_table(methods=None, extra=('ssl', 'ssb'), seqs=(64, 128), batch=32, r=8, model='minilm', steps=2) -> dict:
     "Peak memory per entry, each from a separate process, as ratios ours/PEFT and entry/limit."
     methods = paired_methods() if methods is None else list(methods)
-    extra = [n for n in extra if n in METHODS and n not in methods]
+    extra = [n for n in dict.fromkeys((*extra, *peft_cannot())) if n in METHODS and n not in methods]
     out = dict(model=model, batch=batch, r=r, seqs={})
     for s in seqs:
         kw = dict(model=model, seq=s, batch=batch, r=r, steps=steps)
