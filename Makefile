@@ -53,7 +53,7 @@ readme-check: install
 MINVENV        := .venv-min
 MINPY          := $(MINVENV)/bin/python
 MINSTAMP       := $(MINVENV)/.installed
-MIN_TEST_TOOLS ?= pytest peft
+MIN_TEST_TOOLS ?= pytest hypothesis peft
 
 $(MINSTAMP): settings.ini setup.py tools/min_requirements.py
 	rm -rf $(MINVENV)
