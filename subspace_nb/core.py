@@ -230,6 +230,11 @@ class Tuner(nn.Module):
         "After training (e.g. diff pruning's projection). Nothing by default."
 
     @classmethod
+    def summary(cls, model: nn.Module) -> dict:
+        "What `report` shows for this method beyond the counts (e.g. AdaLoRA's per-layer ranks). Nothing by default."
+        return {}
+
+    @classmethod
     def enable(cls, model: nn.Module, on: bool):
         "Switch a method that does not wrap layers on or off (`disable_tuning`). By default it cannot be switched off."
         raise TypeError(f"{cls.name} changes the model's own parameters in place: there is no separate base model "

@@ -125,7 +125,7 @@ def report(model: nn.Module) -> dict:
     cls = get_method(cfg['method'])
     return dict(method=cfg['method'], mode=cls.mode, trainable=method, by_mode={cls.mode: method},
                 head=sum(params[n].numel() for n in head), backbone=backbone, per_mille=1000 * method / backbone,
-                layers=len(cfg['layers']))
+                layers=len(cfg['layers']), **cls.summary(model))
 
 def show_report(model) -> str:
     "One line: what trains and how much of the backbone that is."
@@ -341,7 +341,7 @@ def read_checkpoint(path) -> dict:
 def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
     "A tuned model saved by any Hugging Face save path (`save_pretrained`, `Trainer.save_model`, a checkpoint): base, head and tuning."
     import transformers
-    from .models import quiet_transformers
+    from subspace_nb.models import quiet_transformers
     config = transformers.AutoConfig.from_pretrained(path)
     cfg = getattr(config, 'subspace', None)
     if cfg is None:
