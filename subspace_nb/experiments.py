@@ -14,8 +14,8 @@ from .inject import apply_tuning, param_groups, regularizer, report, show_report
 from .models import load_minilm
 
 # %% auto #0
-__all__ = ['TASKS', 'DEFAULT_METHOD', 'glue_root', 'read_tsv', 'load_glue', 'num_labels', 'metric', 'batches', 'train',
-           'evaluate', 'few_steps', 'demo', 'demo_cli']
+__all__ = ['TASKS', 'GLUE_HELP', 'DEFAULT_METHOD', 'glue_root', 'read_tsv', 'load_glue', 'num_labels', 'metric', 'batches',
+           'train', 'evaluate', 'few_steps', 'demo', 'demo_cli']
 
 # %% ../nbs/40_experiments.ipynb #c005
 TASKS = {
@@ -27,38 +27,68 @@ TASKS = {
     'STS-B': dict(text=('sentence1', 'sentence2'), label='score', labels=None, metric='pearson'),
 }
 
-def glue_root(root=None) -> Path:
-    "The GLUE folder: `root`, else $SUBSPACE_GLUE, else `shared/data/glue` found upward from here or the package."
-    cands = [root, os.environ.get('SUBSPACE_GLUE')]
-    for start in (Path.cwd(), Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()):
-        cands += [p / 'shared' / 'data' / 'glue' for p in (start, *start.parents)]
-    for c in cands:
-        if c and (Path(c) / 'SST-2').is_dir(): return Path(c)
-    raise FileNotFoundError("GLUE data not found: pass root=, set $SUBSPACE_GLUE, or place it at ../shared/data/glue "
-                            "(looked upward from the working directory and the package)")
+GLUE_HELP = ("Expected the glue_data layout: <root>/<TASK>/train.tsv and dev.tsv, e.g. <root>/SST-2/train.tsv "
+             "(tab-separated, as published). GLUE is at https://gluebenchmark.com/tasks (or the Hugging Face hub's "
+             "'nyu-mll/glue' when online); pass root=, set $SUBSPACE_GLUE, or place it at shared/data/glue beside "
+             "the project")
 
-def read_tsv(path: Path, header: bool = True) -> list[dict]:
-    "Rows of a GLUE TSV file as dicts (by header name, or by column index when there is no header); quoting off."
-    lines = Path(path).read_text(encoding='utf-8-sig').split('\n')
-    lines = [l for l in lines if l.strip()]
-    if not header: return [dict(enumerate(l.split('\t'))) for l in lines]
-    cols = lines[0].split('\t')
-    return [dict(zip(cols, l.split('\t'))) for l in lines[1:]]
+def glue_root(root=None) -> Path:
+    "The GLUE folder: `root` if given, else $SUBSPACE_GLUE if set (each used as given, never a fallback), else `shared/data/glue` found upward."
+    for what, given in (('root', root), ('$SUBSPACE_GLUE', os.environ.get('SUBSPACE_GLUE'))):
+        if given:
+            if not Path(given).is_dir(): raise FileNotFoundError(f"{what}={str(given)!r} is not a folder. {GLUE_HELP}")
+            return Path(given)
+    tried = []
+    for start in dict.fromkeys((Path.cwd(), Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd())):
+        for p in (start, *start.parents):
+            c = p / 'shared' / 'data' / 'glue'
+            tried.append(str(c))
+            if c.is_dir(): return c
+    raise FileNotFoundError(f"GLUE data not found: no root=, no $SUBSPACE_GLUE, and none of {tried[:3]} ... "
+                            f"({len(tried)} folders upward from the working directory and the package) exists. {GLUE_HELP}")
+
+def read_tsv(path: Path, header: bool = True, fields: int | None = None) -> list[dict]:
+    "Rows of a GLUE TSV file as dicts (by header name, or by column index without a header); quoting off; every row checked."
+    path = Path(path)
+    try: text = path.read_text(encoding='utf-8-sig')
+    except UnicodeDecodeError as e: raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    lines = [(i + 1, l) for i, l in enumerate(text.split('\n')) if l.strip()]
+    if not lines: raise ValueError(f"{path}: empty file")
+    cols = lines[0][1].split('\t') if header else list(range(fields or len(lines[0][1].split('\t'))))
+    out = []
+    for i, l in lines[1:] if header else lines:
+        vals = l.split('\t')
+        if len(vals) != len(cols):
+            raise ValueError(f"{path}:{i}: expected {len(cols)} tab-separated fields"
+                             f"{' (' + ', '.join(map(str, cols)) + ')' if header else ''}, got {len(vals)}")
+        out.append(dict(zip(cols, vals), _line=i))
+    return out
 
 def load_glue(task: str, split: str = 'train', root=None, limit: int | None = None, seed: int = 0) -> dict:
     "`{'a': [...], 'b': [...] or None, 'y': [...]}` for a GLUE task; `limit` takes a seeded random subset."
     if task not in TASKS: raise ValueError(f"task={task!r}: expected one of {list(TASKS)}")
     if split not in ('train', 'dev'): raise ValueError(f"split={split!r}: expected 'train' or 'dev'")
-    spec = TASKS[task]
-    path = glue_root(root) / task / f'{split}.tsv'
-    if not path.exists(): raise FileNotFoundError(f"{path} is missing: the local copy has no {task} {split} split")
-    rows = read_tsv(path, spec.get('header', True))
+    spec, base = TASKS[task], glue_root(root)
+    path = base / task / f'{split}.tsv'
+    if not path.is_file():
+        have = sorted(f"{t}/{s}" for t in TASKS for s in ('train', 'dev') if (base / t / f'{s}.tsv').is_file())
+        raise FileNotFoundError(f"{path} is missing: {base} has no {task} {split} split (it has: "
+                                f"{', '.join(have) or 'no GLUE task'}). {GLUE_HELP}")
+    rows = read_tsv(path, spec.get('header', True), fields=4 if not spec.get('header', True) else None)
     if limit is not None and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
-    cast = float if spec['labels'] is None else spec['labels'].index
+    labels = spec['labels']
+    def cast(r):
+        v = r.get(spec['label'])
+        try: return float(v) if labels is None else labels.index(v)
+        except (ValueError, TypeError):
+            raise ValueError(f"{path}:{r['_line']}: label {v!r} in column {spec['label']!r}; expected "
+                             f"{'a number' if labels is None else ' or '.join(map(repr, labels))}") from None
     ta, tb = spec['text'][0], spec['text'][1] if len(spec['text']) > 1 else None
+    missing = [c for c in (ta, tb, spec['label']) if c is not None and rows and c not in rows[0]]
+    if missing: raise ValueError(f"{path}: no column {missing}; its columns are {[c for c in rows[0] if c != '_line']}")
     return dict(a=[r[ta] for r in rows], b=None if tb is None else [r[tb] for r in rows],
-                y=[cast(r[spec['label']]) for r in rows], task=task)
+                y=[cast(r) for r in rows], task=task)
 
 def num_labels(task: str) -> int:
     "Outputs of the head for `task` (1 for the STS-B regression)."
