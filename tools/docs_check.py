@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit, unquote
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ['index.html', '11_mode2_singular_vectors.html', '20_lora.html']   # home, a mode-2 method, LoRA
+PAGES = ['index.html', '11_mode2_singular_vectors.html', '20_lora.html', '21_lora_family.html']   # home, methods
+FIGURES = {'21_lora_family.html'}   # pages whose committed outputs hold figures: at least one must show
 CHROME_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                 '--disable-background-networking', '--disable-component-update', '--disable-sync',
                 '--window-size=1280,900']
@@ -144,6 +145,7 @@ def browse(base: str, pages: list[str], out: Path) -> list[str]:
                 raw = [m[0][:60] for m in RAW_MATH.finditer(r['text'])]
                 errors += [f'{page}: raw math left in the page: {x!r}' for x in raw]
                 errors += [f'{page}: image did not load: {i["src"][:100]}' for i in r['imgs'] if not i['ok']]
+                if page in FIGURES and not r['imgs']: errors.append(f'{page}: no figure on a page whose notebook has figures')
                 errors += [f'{page}: loaded from another host: {u}' for u in r['loaded'] if not u.startswith(base)]
                 errors += [f'{page}: console: {e["message"][:200]}' for e in drv.get_log('browser') if e['level'] == 'SEVERE']
                 drv.save_screenshot(str(out / page.replace('/', '_').replace('.html', '.png')))
