@@ -64,6 +64,12 @@ class SubspaceTrainer(Trainer):
     "A `transformers.Trainer` that trains a tuned model as its method says: regularisers, decay groups and protocol hooks."
     def __init__(self, *args, callbacks=None, **kwargs):
         super().__init__(*args, callbacks=[*(callbacks or []), SubspaceCallback(owned=True)], **kwargs)
+        self.step_losses = []     # every training micro-batch's loss as the Trainer returns it (task + regulariser), unrounded
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.step_losses.append(loss.item())
+        return loss
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
