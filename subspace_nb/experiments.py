@@ -4,18 +4,21 @@
 
 # %% ../nbs/40_experiments.ipynb #c002
 from __future__ import annotations
-import os, math, time, random, argparse
+import os, math, time, random, argparse, tempfile, contextlib
 from pathlib import Path
 import torch
 from torch import nn
-from tqdm import tqdm
+import datasets
+from transformers import TrainingArguments, DataCollatorWithPadding, PrinterCallback
 from .core import get_method, METHODS, load_all
 from .inject import apply_tuning, param_groups, regularizer, report, show_report, prepare, step_end, finish
 from .models import load_minilm
+from .trainer import SubspaceTrainer
 
 # %% auto #0
-__all__ = ['TASKS', 'GLUE_HELP', 'DEFAULT_METHOD', 'glue_root', 'read_tsv', 'load_glue', 'num_labels', 'metric', 'batches',
-           'train', 'evaluate', 'few_steps', 'demo', 'demo_cli']
+__all__ = ['TASKS', 'GLUE_HELP', 'HUB_NAMES', 'DEFAULT_METHOD', 'glue_root', 'read_tsv', 'load_glue', 'num_labels', 'metric',
+           'metrics', 'hub_glue', 'to_dataset', 'glue_dataset', 'batches', 'train', 'predict', 'evaluate', 'few_steps',
+           'demo', 'demo_cli']
 
 # %% ../nbs/40_experiments.ipynb #c005
 TASKS = {
@@ -106,9 +109,54 @@ def metric(task: str, pred, y) -> float:
     den = math.sqrt(((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).item())
     return ((tp * tn - fp * fn) / den).item() if den else 0.0
 
+def metrics(task: str, pred, y) -> dict:
+    "Every GLUE-standard dev metric of `task` (scikit-learn / scipy), by name."
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    from scipy.stats import pearsonr, spearmanr
+    pred, y = torch.as_tensor(pred).double().numpy(), torch.as_tensor(y).double().numpy()
+    if task == 'STS-B': return dict(pearson=float(pearsonr(pred, y)[0]), spearman=float(spearmanr(pred, y)[0]))
+    if task == 'CoLA': return dict(matthews=float(matthews_corrcoef(y, pred)))
+    out = dict(accuracy=float(accuracy_score(y, pred)))
+    if task == 'MRPC': out['f1'] = float(f1_score(y, pred))
+    return out
+
 # %% ../nbs/40_experiments.ipynb #c011
+HUB_NAMES = {'SST-2': 'sst2', 'MRPC': 'mrpc', 'RTE': 'rte', 'QNLI': 'qnli', 'CoLA': 'cola', 'STS-B': 'stsb'}
+
+def hub_glue(task: str, split: str = 'train', limit: int | None = None, seed: int = 0) -> dict:
+    "A GLUE split from the Hugging Face hub (`nyu-mll/glue`; needs a network) as a `load_glue` dict."
+    if task not in HUB_NAMES: raise ValueError(f"task={task!r}: expected one of {list(HUB_NAMES)}")
+    ds = datasets.load_dataset('nyu-mll/glue', HUB_NAMES[task], split={'train': 'train', 'dev': 'validation'}[split])
+    if limit is not None and limit < len(ds): ds = ds.select(sorted(random.Random(seed).sample(range(len(ds)), limit)))
+    cols = [c for c in ds.column_names if c not in ('label', 'idx')]
+    return dict(a=ds[cols[0]], b=ds[cols[1]] if len(cols) > 1 else None, y=list(ds['label']), task=task)
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try: yield
+    finally:
+        if on: datasets.utils.logging.enable_progress_bar()
+
+def to_dataset(data: dict, tok, max_len: int = 128) -> datasets.Dataset:
+    "A `load_glue` dict as a tokenised `datasets.Dataset` (`map`, batched, truncated to `max_len`; padded later, per batch)."
+    reg = TASKS[data['task']]['labels'] is None
+    cols = dict(a=data['a'], labels=[float(v) if reg else int(v) for v in data['y']])
+    if data['b'] is not None: cols['b'] = data['b']
+    enc = lambda x: tok(x['a'], x['b'] if 'b' in x else None, truncation=True, max_length=max_len)
+    with _quiet_datasets():
+        return datasets.Dataset.from_dict(cols).map(enc, batched=True, remove_columns=[c for c in ('a', 'b') if c in cols])
+
+def glue_dataset(task: str, split: str, tok, root=None, limit: int | None = None, seed: int = 0, max_len: int = 128,
+                 source: str = 'local') -> datasets.Dataset:
+    "A GLUE split as a tokenised `datasets.Dataset`: from the local `glue_data` folder, or `source='hub'` when online."
+    if source not in ('local', 'hub'): raise ValueError(f"source={source!r}: expected 'local' or 'hub'")
+    data = load_glue(task, split, root, limit, seed) if source == 'local' else hub_glue(task, split, limit, seed)
+    return to_dataset(data, tok, max_len)
+
 def batches(tok, data: dict, batch_size: int, max_len: int, shuffle: bool = False, seed: int = 0):
-    "Tokenised batches (with `labels`) of a `load_glue` dict."
+    "Tokenised batches (with `labels`) of a `load_glue` dict, outside a Trainer."
     idx = list(range(len(data['y'])))
     if shuffle: random.Random(seed).shuffle(idx)
     reg = TASKS[data['task']]['labels'] is None
@@ -122,48 +170,45 @@ def batches(tok, data: dict, batch_size: int, max_len: int, shuffle: bool = Fals
 
 def _device(model): return next(model.parameters()).device
 
-def train(model, tok, data: dict, epochs: float = 1, steps: int | None = None, lr: float = 1e-3,
-          batch_size: int = 32, weight_decay: float = 0.0, warmup: float = 0.06, max_len: int = 128, seed: int = 0,
-          progress: bool = True) -> list[float]:
-    "Train a tuned `model` on `data`; returns the per-step losses (task loss + regulariser)."
-    torch.manual_seed(seed)
-    per_epoch = math.ceil(len(data['y']) / batch_size)
-    total = steps if steps is not None else max(1, round(epochs * per_epoch))
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    n_warm = int(warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, n_warm) if s < n_warm else max(0.0, (total - s) / max(1, total - n_warm)))
-    dev, losses, epoch = _device(model), [], 0
-    prepare(model, batches(tok, data, batch_size, max_len, shuffle=True, seed=seed))   # the method's protocol: before,
-    model.train()
-    bar = tqdm(total=total, disable=not progress, desc='train')
-    while len(losses) < total:
-        for b in batches(tok, data, batch_size, max_len, shuffle=True, seed=seed + epoch):
-            out = model(**{k: v.to(dev) for k, v in b.items()})
-            loss = out.loss + regularizer(model)
-            loss.backward()
-            opt.step()
-            step_end(model, len(losses), total)                                          # after each step,
-            sched.step(); opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1); bar.set_postfix(loss=f'{loss.item():.4f}')
-            if len(losses) >= total: break
-        epoch += 1
-    bar.close()
-    finish(model)                                                                        # and after training
+def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: float = 1e-3, batch_size: int = 32,
+          weight_decay: float = 0.0, warmup: float = 0.06, max_len: int = 128, seed: int = 0, progress: bool = True,
+          out_dir=None, save_steps: int | None = None, resume: bool = False, **args) -> list[float]:
+    "Train a tuned `model` on `data` (a `load_glue` dict or a tokenised Dataset) with `SubspaceTrainer`; the per-step losses."
+    ds = data if isinstance(data, datasets.Dataset) else to_dataset(data, tok, max_len)
+    total = steps if steps is not None else max(1, round(epochs * math.ceil(len(ds) / batch_size)))
+    with contextlib.ExitStack() as stack:
+        d = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
+        targs = TrainingArguments(str(d), per_device_train_batch_size=batch_size, learning_rate=lr,
+                                  weight_decay=weight_decay, max_steps=total, warmup_steps=int(warmup * total),
+                                  lr_scheduler_type='linear', seed=seed, data_seed=seed, report_to=[],
+                                  logging_strategy='no', disable_tqdm=not progress,
+                                  save_strategy='steps' if save_steps else 'no', save_steps=save_steps or 500,
+                                  dataloader_pin_memory=torch.cuda.is_available(), **args)
+        tr = SubspaceTrainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorWithPadding(tok))
+        if not progress: tr.remove_callback(PrinterCallback)            # no end-of-training metrics printout
+        last = None
+        if resume and out_dir is not None:
+            ckpts = sorted(Path(out_dir).glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1]))
+            last = str(ckpts[-1]) if ckpts else None
+        tr.train(resume_from_checkpoint=last)
     model.eval()
-    return losses
+    return tr.step_losses
 
 @torch.no_grad()
-def evaluate(model, tok, data: dict, batch_size: int = 64, max_len: int = 128) -> float:
-    "The task's dev metric for `model` on `data`."
+def predict(model, tok, data: dict, batch_size: int = 64, max_len: int = 128) -> torch.Tensor:
+    "Class ids (or STS-B scores) of `model` for `data`, in evaluation mode."
     model.eval()
     dev, preds = _device(model), []
     for b in batches(tok, data, batch_size, max_len):
         b.pop('labels')
         logits = model(**{k: v.to(dev) for k, v in b.items()}).logits.float()
         preds.append(logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1))
-    return metric(data['task'], torch.cat(preds).cpu(), data['y'])
+    return torch.cat(preds).cpu()
+
+def evaluate(model, tok, data: dict, batch_size: int = 64, max_len: int = 128, every: bool = False):
+    "The task's dev metric for `model` on `data` (`every`: the dict of all its metrics)."
+    pred = predict(model, tok, data, batch_size, max_len)
+    return metrics(data['task'], pred, data['y']) if every else metric(data['task'], pred, data['y'])
 
 def few_steps(model, tok, steps: int = 30, lr: float = 1e-3, batch_size: int = 16, task: str = 'SST-2',
               seed: int = 0, max_len: int = 64) -> list[float]:
@@ -171,6 +216,8 @@ def few_steps(model, tok, steps: int = 30, lr: float = 1e-3, batch_size: int = 1
     data = load_glue(task, 'train', limit=steps * batch_size, seed=seed)
     return train(model, tok, data, steps=steps, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed,
                  warmup=0.0, progress=False)
+
+# %% ../nbs/40_experiments.ipynb #c015
 
 # %% ../nbs/40_experiments.ipynb #c015
 DEFAULT_METHOD = 'ssb'
