@@ -176,6 +176,9 @@ def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: flo
     "Train a tuned `model` on `data` (a `load_glue` dict or a tokenised Dataset) with `SubspaceTrainer`; the per-step losses."
     ds = data if isinstance(data, datasets.Dataset) else to_dataset(data, tok, max_len)
     total = steps if steps is not None else max(1, round(epochs * math.ceil(len(ds) / batch_size)))
+    order = []                                    # a seeded shuffle per epoch (seed + epoch), as batches(shuffle=True)
+    for e in range(math.ceil(total * batch_size / len(ds))):
+        idx = list(range(len(ds))); random.Random(seed + e).shuffle(idx); order += idx
     with contextlib.ExitStack() as stack:
         d = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
         targs = TrainingArguments(str(d), per_device_train_batch_size=batch_size, learning_rate=lr,
@@ -184,7 +187,8 @@ def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: flo
                                   logging_strategy='no', disable_tqdm=not progress,
                                   save_strategy='steps' if save_steps else 'no', save_steps=save_steps or 500,
                                   dataloader_pin_memory=torch.cuda.is_available(), **args)
-        tr = SubspaceTrainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorWithPadding(tok))
+        tr = SubspaceTrainer(model=model, args=targs, train_dataset=ds.select(order), shuffle=False,
+                             data_collator=DataCollatorWithPadding(tok))
         if not progress: tr.remove_callback(PrinterCallback)            # no end-of-training metrics printout
         last = None
         if resume and out_dir is not None:

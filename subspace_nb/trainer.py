@@ -62,9 +62,15 @@ class SubspaceCallback(TrainerCallback):
 
 class SubspaceTrainer(Trainer):
     "A `transformers.Trainer` that trains a tuned model as its method says: regularisers, decay groups and protocol hooks."
-    def __init__(self, *args, callbacks=None, **kwargs):
+    def __init__(self, *args, callbacks=None, shuffle: bool = True, **kwargs):
         super().__init__(*args, callbacks=[*(callbacks or []), SubspaceCallback(owned=True)], **kwargs)
         self.step_losses = []     # every training micro-batch's loss as the Trainer returns it (task + regulariser), unrounded
+        self.shuffle = shuffle    # False: the dataset's own order (a caller that ordered it already)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.shuffle: return super()._get_train_sampler(*args, **kwargs)
+        ds = args[0] if args and args[0] is not None else kwargs.get('train_dataset') or self.train_dataset
+        return torch.utils.data.SequentialSampler(ds)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
