@@ -172,7 +172,8 @@ def _device(model): return next(model.parameters()).device
 
 def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: float = 1e-3, batch_size: int = 32,
           weight_decay: float = 0.0, warmup: float = 0.06, max_len: int = 128, seed: int = 0, progress: bool = True,
-          out_dir=None, save_steps: int | None = None, resume: bool = False, **args) -> list[float]:
+          out_dir=None, save_steps: int | None = None, resume: bool = False, max_grad_norm: float = 1.0,
+          **args) -> list[float]:
     "Train a tuned `model` on `data` (a `load_glue` dict or a tokenised Dataset) with `SubspaceTrainer`; the per-step losses."
     ds = data if isinstance(data, datasets.Dataset) else to_dataset(data, tok, max_len)
     total = steps if steps is not None else max(1, round(epochs * math.ceil(len(ds) / batch_size)))
@@ -184,6 +185,7 @@ def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: flo
         targs = TrainingArguments(str(d), per_device_train_batch_size=batch_size, learning_rate=lr,
                                   weight_decay=weight_decay, max_steps=total, warmup_steps=int(warmup * total),
                                   lr_scheduler_type='linear', seed=seed, data_seed=seed, report_to=[],
+                                  max_grad_norm=max_grad_norm,
                                   logging_strategy='no', disable_tqdm=not progress,
                                   save_strategy='steps' if save_steps else 'no', save_steps=save_steps or 500,
                                   dataloader_pin_memory=torch.cuda.is_available(), **args)
@@ -216,10 +218,10 @@ def evaluate(model, tok, data: dict, batch_size: int = 64, max_len: int = 128, e
 
 def few_steps(model, tok, steps: int = 30, lr: float = 1e-3, batch_size: int = 16, task: str = 'SST-2',
               seed: int = 0, max_len: int = 64) -> list[float]:
-    "A short training run on a seeded slice of `task`'s training set: the per-step losses."
+    "A short run on a seeded slice of `task`'s training set, without warm-up or clipping: the per-step losses."
     data = load_glue(task, 'train', limit=steps * batch_size, seed=seed)
     return train(model, tok, data, steps=steps, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed,
-                 warmup=0.0, progress=False)
+                 warmup=0.0, max_grad_norm=0.0, progress=False)
 
 # %% ../nbs/40_experiments.ipynb #c015
 
