@@ -14,7 +14,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 
 # %% auto #0
 __all__ = ['TINY', 'ARCHS', 'PAPER_CONFIGS', 'minilm_path', 'quiet_transformers', 'load_model', 'load_minilm', 'tiny_config',
-           'tiny_model', 'tiny_batch', 'meta_model']
+           'tiny_model', 'tiny_batch', 'TinyRows', 'meta_model']
 
 # %% ../nbs/02_models.ipynb #c005
 def minilm_path() -> Path:
@@ -85,6 +85,16 @@ def tiny_batch(n: int = 3, l: int = 7, vocab: int = TINY['vocab_size'], seed: in
     mask = torch.ones(n, l, dtype=torch.long)
     mask[-1, l // 2:] = 0
     return dict(input_ids=ids, attention_mask=mask)
+
+class TinyRows(torch.utils.data.Dataset):
+    "`n` random token sequences of length `l` with labels in 0..`num_labels`-1: a training set for the tiny models (and a Trainer)."
+    def __init__(self, n: int = 20, l: int = 8, vocab: int = TINY['vocab_size'], num_labels: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(2, vocab, (n, l), generator=g)
+        self.y = torch.randint(0, num_labels, (n,), generator=g)
+    def __len__(self): return len(self.y)
+    def __getitem__(self, i):
+        return dict(input_ids=self.ids[i], attention_mask=torch.ones_like(self.ids[i]), labels=self.y[i])
 
 # %% ../nbs/02_models.ipynb #c011
 PAPER_CONFIGS = {

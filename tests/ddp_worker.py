@@ -6,15 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import TrainingArguments
-from subspace_nb import apply_tuning, tuning_state, save_tuning, SubspaceTrainer, tiny_model, tiny_batch
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n=32, l=8, vocab=99, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids, self.y = torch.randint(2, vocab, (n, l), generator=g), torch.randint(0, 2, (n,), generator=g)
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i): return dict(input_ids=self.ids[i], attention_mask=torch.ones_like(self.ids[i]), labels=self.y[i])
+from subspace_nb import apply_tuning, tuning_state, save_tuning, SubspaceTrainer, tiny_model, tiny_batch, TinyRows
 
 
 def main(out, method):
@@ -25,7 +17,7 @@ def main(out, method):
     args = TrainingArguments(str(out / 'run'), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
                              weight_decay=0.1, report_to=[], save_strategy='no', logging_strategy='no', disable_tqdm=True,
                              use_cpu=True, ddp_backend='gloo', seed=0)
-    tr = SubspaceTrainer(model=m, args=args, train_dataset=Rows())
+    tr = SubspaceTrainer(model=m, args=args, train_dataset=TinyRows(32))
     tr.train()
     assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2
     save_file(tuning_state(m), str(out / f'rank{rank}.safetensors'))

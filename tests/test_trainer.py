@@ -5,20 +5,12 @@ import pytest, torch
 from transformers import Trainer, TrainingArguments
 from subspace_nb.core import METHODS, load_all, get_method
 from subspace_nb.inject import apply_tuning, tuners, regularizer, param_groups, from_pretrained, load_tuning, save_tuning
-from subspace_nb.models import tiny_model, tiny_batch
+from subspace_nb.models import tiny_model, tiny_batch, TinyRows
 from subspace_nb.trainer import SubspaceTrainer, SubspaceCallback
 
 load_all()
 NAMES = sorted(n for n in METHODS if not n.startswith('_'))
 HP = {n: getattr(get_method(n), 'test_hp', {}) for n in NAMES}
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n=20, l=8, vocab=99, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids, self.y = torch.randint(2, vocab, (n, l), generator=g), torch.randint(0, 2, (n,), generator=g)
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i): return dict(input_ids=self.ids[i], attention_mask=torch.ones_like(self.ids[i]), labels=self.y[i])
 
 
 def args(d, **kw):
@@ -44,9 +36,9 @@ def test_five_trainer_steps(name, monkeypatch, tmp_path):
     start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     calls = []
     spy(monkeypatch, get_method(name), calls)
-    tr = SubspaceTrainer(model=m, args=args(str(tmp_path)), train_dataset=Rows())
+    tr = SubspaceTrainer(model=m, args=args(str(tmp_path)), train_dataset=TinyRows())
     # the loss it optimises: the model's loss plus the method's regulariser, while training
-    b = {k: torch.stack([Rows()[i][k] for i in range(4)]) for k in ('input_ids', 'attention_mask', 'labels')}
+    b = {k: torch.stack([TinyRows()[i][k] for i in range(4)]) for k in ('input_ids', 'attention_mask', 'labels')}
     m.train(); torch.manual_seed(0); loss = tr.compute_loss(m, b)
     torch.manual_seed(0); torch.testing.assert_close(loss, m(**b).loss + regularizer(m))
     tr.train()
@@ -71,7 +63,7 @@ def test_plain_trainer_with_callback_refuses(name, tmp_path):
     "Where a plain Trainer would train another method (decayed scaling vectors, a dropped regulariser), it says so."
     m = apply_tuning(tiny_model('bert'), name, **({'mpc': 'o'} if name == 'trilora' else {}))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    tr = Trainer(model=m, args=args(str(tmp_path)), train_dataset=Rows(), callbacks=[SubspaceCallback()])
+    tr = Trainer(model=m, args=args(str(tmp_path)), train_dataset=TinyRows(), callbacks=[SubspaceCallback()])
     with pytest.raises(ValueError, match='SubspaceTrainer'): tr.train()
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())      # refused before any step
 
@@ -79,7 +71,7 @@ def test_plain_trainer_with_callback_refuses(name, tmp_path):
 def test_plain_trainer_with_callback_runs_hooks(tmp_path):
     "Without decay and without regulariser the plain Trainer plus the callback is enough: FishMask's masks come from Fisher scores."
     m = apply_tuning(tiny_model('bert'), 'fish-mask', density=0.05)
-    Trainer(model=m, args=args(str(tmp_path), weight_decay=0.0), train_dataset=Rows(),
+    Trainer(model=m, args=args(str(tmp_path), weight_decay=0.0), train_dataset=TinyRows(),
             callbacks=[SubspaceCallback()]).train()
     assert all(bool(t.chosen) for t in tuners(m).values())
 
@@ -89,7 +81,7 @@ def test_hf_saving_paths(name, tmp_path):
     "save_pretrained, Trainer.save_model and a Trainer checkpoint each reload exactly, in one call, and resume."
     m = apply_tuning(tiny_model('bert'), name, **HP[name])
     tr = SubspaceTrainer(model=m, args=args(str(tmp_path / 'run'), save_strategy='steps', save_steps=3),
-                         train_dataset=Rows())
+                         train_dataset=TinyRows())
     tr.train()
     m.eval(); x = tiny_batch()
     with torch.no_grad(): y = m(**x).logits
@@ -100,7 +92,7 @@ def test_hf_saving_paths(name, tmp_path):
         with torch.no_grad(): torch.testing.assert_close(m2(**x).logits, y, rtol=0, atol=1e-6)
     # resume from the step-3 checkpoint: the same final model as the uninterrupted run
     m3 = apply_tuning(tiny_model('bert'), name, **HP[name])
-    tr3 = SubspaceTrainer(model=m3, args=args(str(tmp_path / 'run'), save_strategy='no'), train_dataset=Rows())
+    tr3 = SubspaceTrainer(model=m3, args=args(str(tmp_path / 'run'), save_strategy='no'), train_dataset=TinyRows())
     tr3.train(resume_from_checkpoint=str(tmp_path / 'run/checkpoint-3'))
     m3.eval()
     with torch.no_grad(): torch.testing.assert_close(m3(**x).logits, y, rtol=1e-4, atol=1e-5)
