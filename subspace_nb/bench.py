@@ -635,7 +635,8 @@ def as_prototype(m: nn.Module, cls) -> nn.Module:
     "A copy of the LoRA-tuned `m` whose tuners compute with prototype `cls` (same parameters, same values)."
     m = copy.deepcopy(m)
     for t in tuners(m).values():
-        if type(t) is not LoRA: raise TypeError(f"as_prototype converts LoRA tuners, got {type(t).__name__}")
+        if t.name != LoRA.name or type(t).__name__ != LoRA.__name__:      # by name: a notebook may re-register LoRA
+            raise TypeError(f"as_prototype converts LoRA tuners, got {type(t).__name__} ({t.name!r})")
         t.__class__ = cls
     return m
 
