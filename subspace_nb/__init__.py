@@ -21,8 +21,9 @@ from .shared import *
 from .mpc import *
 from .adapters import *
 from .combination import *
+from .composition import *
 from .experiments import *
 from .paper import *
-from . import core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, experiments, paper
+from . import core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, experiments, paper
 
-__all__ = [n for m in (core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, experiments, paper) for n in m.__all__]
+__all__ = [n for m in (core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, experiments, paper) for n in m.__all__]

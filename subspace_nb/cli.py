@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--preset', default='cpu-mini', choices=list(PRESETS))
     s.add_argument('--results', required=True, help='the JSONL results file (finished runs are skipped)')
     s.add_argument('--tasks', nargs='+', default=None, help="default: the preset's")
-    s.add_argument('--methods', nargs='+', default=None, help='default: every registered method of the paper\'s tables')
+    s.add_argument('--methods', nargs='+', default=None, help='default: every registered method of the paper\'s tables, and the compositions set against DoRA')
     s.add_argument('--ranks', nargs='+', type=int, default=None)
     s.add_argument('--seeds', nargs='+', type=int, default=None)
     s.add_argument('--model', default=None)

@@ -135,13 +135,15 @@ class Tuner(nn.Module):
 
     @property
     def W(self) -> torch.Tensor:
-        "The frozen weight $W$, torch layout `(m, n)` (the original one, also while merged)."
-        return self._saved[0] if self.merged else weight_of(self.base)
+        "The frozen weight $W$, torch layout `(m, n)` (the original one, also while merged); on a tuner, its $\\phi(W)$."
+        if self.merged: return self._saved[0]
+        return self.base.tuned()[0] if isinstance(self.base, Tuner) else weight_of(self.base)   # g on f: g sees f(W)
 
     @property
     def b(self) -> torch.Tensor | None:
-        "The frozen bias $b$ (None if the layer has none), the original one also while merged."
-        return self._saved[1] if self.merged else self.base.bias
+        "The frozen bias $b$ (None if the layer has none), the original one also while merged; on a tuner, its $b'$."
+        if self.merged: return self._saved[1]
+        return self.base.tuned()[1] if isinstance(self.base, Tuner) else self.base.bias
 
     def new(self, *shape, init='zeros', generator=None) -> nn.Parameter:
         "A float32 trainable parameter on the base's device: zeros, ones, or kaiming-uniform(a=sqrt 5)."
@@ -366,9 +368,16 @@ def load_all():
         if not m.name.startswith('_'): importlib.import_module(f'subspace_nb.{m.name}')
 
 def get_method(name) -> type:
-    "The registered class for `name` (or `name` itself if it is a registered class)."
+    "The registered class for `name` (or `name` itself if it is a registered class); `'f,g'` or `[f, g]`: a composition."
     if isinstance(name, type) and issubclass(name, Tuner): return name
+    if isinstance(name, (list, tuple)): name = ','.join(get_method(p).name for p in name)
+    if not isinstance(name, str): raise TypeError(f"method={name!r}: expected a method name such as 'lora', or [f, g]")
     if name not in METHODS: load_all()
+    if name not in METHODS and ',' in name:                            # g(f(W)) of two methods: nbs/31_composition
+        parts = name.split(',')
+        if len(parts) != 2: raise ValueError(f"method={name!r}: a composition is two methods, 'f,g' or [f, g]")
+        from subspace_nb.composition import compose
+        return compose(*parts)
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]

@@ -21,7 +21,8 @@ __all__ = ['WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hpara
 
 # %% ../nbs/01_inject.ipynb #c005
 def hparams(cls) -> dict:
-    "Name -> default of the hyper-parameters `cls` accepts."
+    "Name -> default of the hyper-parameters `cls` accepts (a composition: those of its parts)."
+    if getattr(cls, 'parts', ()): return {k: v for P in cls.parts for k, v in hparams(P).items()}
     f = cls.__init__ if cls.wraps else cls.attach
     skip = {'self', 'cls', 'base', 'model', 'layers', 'generator'}
     return {k: p.default for k, p in inspect.signature(f).parameters.items()
@@ -36,9 +37,11 @@ def check_hparams(cls, hp: dict):
                         f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items()) or 'no hyper-parameters'}")
 
 # %% ../nbs/01_inject.ipynb #c007
-def tuners(model: nn.Module) -> dict:
-    "The `Tuner` modules inside `model`, by name."
-    return {n: m for n, m in model.named_modules() if isinstance(m, Tuner)}
+def tuners(model: nn.Module, parts: bool = False) -> dict:
+    "The `Tuner` modules that took the place of `model`'s layers, by name; `parts`: also those inside them (a composition's f and g)."
+    found = {n: m for n, m in model.named_modules() if isinstance(m, Tuner)}
+    if parts: return found
+    return {n: m for n, m in found.items() if not any(p != n and (p == '' or n.startswith(p + '.')) for p in found)}
 
 def default_trainable(model: nn.Module) -> list[str]:
     "Modules that stay trainable by default: the task head (classifier/score/qa_outputs and the pooler), not `lm_head`."
@@ -113,6 +116,17 @@ def _unique(named):
         if id(p) not in seen: seen.add(id(p)); out[n] = p
     return out
 
+def _by_mode(model, params, head, cls) -> dict:
+    "Trainable method parameters per mode: each counted under the innermost tuner that owns it (the method's mode otherwise)."
+    modes = {n: t.mode for n, t in tuners(model, parts=True).items()}
+    out = {}
+    for n, p in params.items():
+        if not p.requires_grad or n in head: continue
+        owner = max((k for k in modes if n.startswith(k + '.')), key=len, default=None)
+        mode = modes[owner] if owner is not None else cls.mode
+        out[mode] = out.get(mode, 0) + p.numel()
+    return out
+
 def report(model: nn.Module) -> dict:
     "Trainable parameters of a tuned model: the method's (total and per mode), the head's, and per mille of the backbone."
     cfg = getattr(model, 'subspace', None)
@@ -123,7 +137,7 @@ def report(model: nn.Module) -> dict:
     method = sum(p.numel() for n, p in params.items() if p.requires_grad and n not in head)
     backbone = sum(p.numel() for n, p in params.items() if n not in head and n not in added)
     cls = get_method(cfg['method'])
-    return dict(method=cfg['method'], mode=cls.mode, trainable=method, by_mode={cls.mode: method},
+    return dict(method=cfg['method'], mode=cls.mode, trainable=method, by_mode=_by_mode(model, params, head, cls),
                 head=sum(params[n].numel() for n in head), backbone=backbone, per_mille=1000 * method / backbone,
                 layers=len(cfg['layers']), **cls.summary(model))
 

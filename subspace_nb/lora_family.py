@@ -120,7 +120,7 @@ def allocate(cls: AdaLoRA, ts: list, budget: int):
 @patch(cls_method=True)
 def step_end(cls: AdaLoRA, model: nn.Module, step: int, total: int):
     "After optimizer step `step` (0-based) of `total`: track importance, allocate the rank budget, fix it at the end."
-    ts = [t for t in tuners(model).values() if isinstance(t, cls)]
+    ts = [t for t in tuners(model, parts=True).values() if isinstance(t, cls)]
     if not ts: return
     t0 = ts[0]
     ti, tf = warmup_steps(t0.init_warmup, total), warmup_steps(t0.final_warmup, total)
@@ -139,18 +139,18 @@ def step_end(cls: AdaLoRA, model: nn.Module, step: int, total: int):
 @patch(cls_method=True)
 def prepare(cls: AdaLoRA, model: nn.Module, batches):
     "A new training run: importance state cleared, ranks not yet fixed."
-    for t in tuners(model).values():
+    for t in tuners(model, parts=True).values():
         if isinstance(t, cls): t._ema, t._fixed = {}, False
 
 @patch(cls_method=True)
 def finish(cls: AdaLoRA, model: nn.Module):
     "After training: the importance state is freed (the allocation stays in `rank_mask`)."
-    for t in tuners(model).values():
+    for t in tuners(model, parts=True).values():
         if isinstance(t, cls): t._ema = {}
 
 def adalora_ranks(model: nn.Module) -> dict:
     "The rank each AdaLoRA layer of `model` keeps (triplets in its `rank_mask`), by layer name."
-    return {n: int(t.rank_mask.sum()) for n, t in tuners(model).items() if t.name == AdaLoRA.name}   # by name: a notebook may re-register AdaLoRA
+    return {n: int(t.rank_mask.sum()) for n, t in tuners(model, parts=True).items() if t.name == AdaLoRA.name}   # by name: a notebook may re-register AdaLoRA
 
 @patch(cls_method=True)
 def summary(cls: AdaLoRA, model: nn.Module) -> dict:

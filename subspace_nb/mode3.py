@@ -151,7 +151,7 @@ class DiffPruning(Tuner):
 # %% ../nbs/12_mode3_complex.ipynb #c033
 def project_diffs(model: nn.Module, density: float | None = None) -> dict:
     "Project every diff-pruning tuner of `model` to its target density (or `density`); name -> non-zero entries kept."
-    found = {k: t for k, t in tuners(model).items() if t.name == DiffPruning.name}
+    found = {k: t for k, t in tuners(model, parts=True).items() if t.name == DiffPruning.name}
     if not found: raise ValueError("project_diffs: the model has no diff-pruning tuners (apply_tuning(model, 'diff-pruning'))")
     if density is not None: check_density(density)
     return {k: int(t.project_(density).mask.sum()) for k, t in found.items()}
@@ -214,7 +214,7 @@ class FishMask(Tuner):
     @classmethod
     def prepare(cls, model, batches):
         "Before training: masks from the Fisher scores of the first `fisher_batches` training batches (mask='fisher')."
-        ts = [t for t in tuners(model).values() if t.name == cls.name]
+        ts = [t for t in tuners(model, parts=True).values() if t.name == cls.name]
         if not ts or ts[0].how != 'fisher' or all(bool(t.chosen) for t in ts): return
         dev = ts[0].W.device
         first = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -230,7 +230,7 @@ class FishMask(Tuner):
 def fisher_scores(model: nn.Module, batches, layers: dict | None = None) -> dict:
     r"Empirical Fisher scores $\sum_{\text{batches}} (\partial L/\partial W)^2$ (torch layout) of `layers` (name -> Linear/Conv1D; default: the layers under the model's fish-mask tuners)."
     if layers is None:
-        layers = {k: t.base for k, t in tuners(model).items() if t.name == FishMask.name}
+        layers = {k: t.base for k, t in tuners(model, parts=True).items() if t.name == FishMask.name}
         if not layers: raise ValueError("fisher_scores: the model has no fish-mask tuners; pass layers={name: layer}")
     bad = [k for k, l in layers.items() if not is_linear(l)]
     if bad: raise TypeError(f"fisher_scores takes nn.Linear/Conv1D layers; not: {_short(bad)}")
@@ -257,7 +257,7 @@ def fisher_scores(model: nn.Module, batches, layers: dict | None = None) -> dict
 
 def choose_masks(model: nn.Module, scores: dict) -> dict:
     "Set the mask of every fish-mask tuner of `model` to the top-k of `scores[name]`; name -> k. Call before training."
-    found = {k: t for k, t in tuners(model).items() if t.name == FishMask.name}
+    found = {k: t for k, t in tuners(model, parts=True).items() if t.name == FishMask.name}
     if not found: raise ValueError("choose_masks: the model has no fish-mask tuners (apply_tuning(model, 'fish-mask'))")
     missing = [k for k in found if k not in scores]
     if missing: raise ValueError(f"scores are missing for {_short(missing)}")

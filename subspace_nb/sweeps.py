@@ -13,9 +13,9 @@ from .models import load_model
 from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_dataset
 
 # %% auto #0
-__all__ = ['TABLE6', 'PAPER_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS', 'PRESETS', 'run_id', 'append_result',
-           'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'plan', 'versions', 'run_one', 'sweep',
-           'summarise', 'results_table']
+__all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS', 'PRESETS',
+           'run_id', 'append_result', 'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'plan',
+           'versions', 'run_one', 'sweep', 'summarise', 'results_table']
 
 # %% ../nbs/41_sweeps.ipynb #c005
 def run_id(cfg: dict) -> str:
@@ -62,6 +62,8 @@ TABLE6 = {   # task: (lr, epochs, max_len) of the paper's Table 6 and scripts
 PAPER_METHODS = ['full', 'sam-parser', 'ia3', 'ssl', 'ssb', 'bitfit', 'prompt-tuning', 'prefix-tuning', 'lora',
                  'lora+mpc_o', 'lora+mpc_d', 'lora+mpc_n', 'trilora', 'trilora+mpc_o', 'adalora', 'flora', 'hadapter',
                  'padapter', 'pa', 'dora', 'spectral', 'svdiff']
+COMPOSITIONS = ['ssb,lora', 'ia3,lora']      # g(f(W)) pairs no anchor offers (31_composition), set against DoRA
+SWEEP_METHODS = PAPER_METHODS + COMPOSITIONS
 VARIANTS = {'mpc_o': dict(mpc='o'), 'mpc_d': dict(mpc='d'), 'mpc_n': dict(mpc='n')}
 VECTOR_METHODS = {'sam-parser', 'ia3', 'ssl', 'ssb', 'bitfit', 'vera'}
 PROMPT_METHODS = {'prompt-tuning', 'prefix-tuning'}
@@ -96,7 +98,7 @@ def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=N
     if bad: raise ValueError(f"unknown settings {bad}; a preset has {sorted(P)}")
     P.update({k: v for k, v in over.items() if v is not None})
     tasks, ranks, seeds = tasks or P['tasks'], ranks or P['ranks'], seeds or P['seeds']
-    methods = methods or [m for m in PAPER_METHODS if m.partition('+')[0] in (load_all() or METHODS)]
+    methods = methods or [m for m in SWEEP_METHODS if m.partition('+')[0] in (load_all() or METHODS)]
     for t in tasks:
         if t not in TASKS: raise ValueError(f"task={t!r}: expected one of {list(TASKS)}")
     out = []
@@ -192,7 +194,7 @@ def results_table(records: list[dict], tasks=None, methods=None) -> str:
     "Markdown table: method x task, 100 x mean ± standard error over seeds (n seeds), and the average column."
     S = summarise(records)
     tasks = tasks or [t for t in TASKS if any(t in v for v in S.values())]
-    order = {m: i for i, m in enumerate(methods or PAPER_METHODS)}
+    order = {m: i for i, m in enumerate(methods or SWEEP_METHODS)}
     rows = sorted(S, key=lambda k: (order.get(k[0], len(order)), k[0], k[1] or 0))
     head = '| method | r | ' + ' | '.join(tasks) + ' | avg |\n|---|---|' + '---|' * (len(tasks) + 1)
     lines = []
