@@ -6,10 +6,33 @@
 from __future__ import annotations
 import statistics, math
 from pathlib import Path
-from .sweeps import read_results, results_table, summarise, PAPER_METHODS, plan, run_id
+from .sweeps import read_results, results_table, summarise, PAPER_METHODS, SWEEP_METHODS, plan, run_id
 
 # %% auto #0
-__all__ = ['CLAIMS', 'pairs', 'verdict', 'ledger', 'show_ledger']
+__all__ = ['CLAIMS', 'seed_spread', 'pairs', 'verdict', 'ledger', 'show_ledger']
+
+# %% ../nbs/51_reproduction.ipynb #c031
+def seed_spread(records: list[dict]) -> list[dict]:
+    "Per task: seed noise (pooled SD over seeds), the SD of method means, one-way ANOVA F and p, Kendall's tau of seeds 0 and 1."
+    from scipy.stats import f_oneway, kendalltau
+    out = []
+    S = summarise(records)
+    for task in sorted({r['config']['task'] for r in records}):
+        groups = {k: v[task] for k, v in S.items() if len(v.get(task, [])) >= 2}
+        if len(groups) < 3: continue
+        means = [statistics.mean(v) for v in groups.values()]
+        noise = math.sqrt(sum(statistics.variance(v) * (len(v) - 1) for v in groups.values())
+                          / sum(len(v) - 1 for v in groups.values()))
+        F, p = f_oneway(*groups.values())
+        by_seed = {}
+        for r in records:
+            c = r['config']
+            if c['task'] == task and (c['method'], c['budget']) in groups: by_seed.setdefault(c['seed'], {})[c['method'], c['budget']] = r['score']
+        both = sorted(set(by_seed.get(0, {})) & set(by_seed.get(1, {})))
+        tau = kendalltau([by_seed[0][k] for k in both], [by_seed[1][k] for k in both])[0] if len(both) >= 3 else float('nan')
+        out.append(dict(task=task, methods=len(groups), seed_sd=100 * noise, means_sd=100 * statistics.stdev(means),
+                        F=float(F), p=float(p), tau=float(tau)))
+    return out
 
 # %% ../nbs/51_reproduction.ipynb #c009
 CLAIMS = [   # (claim, method a, relation, method b): relation '>' a beats b, '>=' a at least b, '~' a about b
@@ -31,6 +54,10 @@ CLAIMS = [   # (claim, method a, relation, method b): relation '>' a beats b, '>
     ("nonlinear adapters >= LoRA: PA", 'pa', '>=', 'lora'),
     ("nonlinear adapters >= LoRA: HAdapter", 'hadapter', '>=', 'lora'),
     ("nonlinear adapters >= LoRA: PAdapter", 'padapter', '>=', 'lora'),
+    # beyond the paper: compositions g(f(W)) (31_composition) against DoRA, the paper's own combination
+    ("beyond the paper: SSB∘LoRA >= DoRA", 'ssb,lora', '>=', 'dora'),
+    ("beyond the paper: (IA)3∘LoRA >= DoRA", 'ia3,lora', '>=', 'dora'),
+    ("beyond the paper: SSB∘LoRA > LoRA", 'ssb,lora', '>', 'lora'),
 ]
 
 def pairs(records: list[dict], a: str, b: str) -> list[tuple[float, float]]:
