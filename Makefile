@@ -30,8 +30,10 @@ sync-check: export
 nbtest: install
 	$(VENV)/bin/nbdev_test --n_workers 2 --timing
 
+# the suite in WORKERS processes (pytest-xdist); WORKERS=0 runs it in this one
+WORKERS ?= 2
 pytest: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(WORKERS) tests
 
 # README.md is index.ipynb, executed, as markdown
 README_CMD = $(VENV)/bin/jupyter nbconvert --to notebook --execute --stdout nbs/index.ipynb 2>/dev/null \
@@ -48,12 +50,12 @@ readme-check: install
 # changes, with every requirement `pkg>=X` installed as `pkg==X` (tools/min_requirements.py derives the pins, so they
 # are the declared floors and nothing else; torch first, from the same pin, so no other torch build is pulled in).
 # Packages we do not declare get whatever pip resolves with those pins. The package itself goes in with --no-deps.
-# MIN_TEST_TOOLS: what tests/ imports beyond the requirements, at current versions: pytest, and peft (dev extra:
-# the tests that compare against HF PEFT import it).
+# MIN_TEST_TOOLS: what tests/ imports beyond the requirements, at current versions: pytest (and pytest-xdist, which
+# runs it in WORKERS processes), hypothesis, and peft (dev extra: the tests that compare against HF PEFT import it).
 MINVENV        := .venv-min
 MINPY          := $(MINVENV)/bin/python
 MINSTAMP       := $(MINVENV)/.installed
-MIN_TEST_TOOLS ?= pytest hypothesis peft
+MIN_TEST_TOOLS ?= pytest pytest-xdist hypothesis peft
 
 $(MINSTAMP): settings.ini setup.py tools/min_requirements.py
 	rm -rf $(MINVENV)
@@ -67,7 +69,7 @@ $(MINSTAMP): settings.ini setup.py tools/min_requirements.py
 # every declared floor installed exactly and importable, then the pytest suite
 test-min: $(MINSTAMP)
 	$(MINPY) tools/min_requirements.py --check
-	$(MINPY) -m pytest -q tests
+	$(MINPY) -m pytest -q -n $(WORKERS) tests
 
 test: sync-check nbtest pytest readme-check docs-check test-min
 

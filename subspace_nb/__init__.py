@@ -22,8 +22,10 @@ from .mpc import *
 from .adapters import *
 from .combination import *
 from .composition import *
+from .lab import *
+from .analysis import *
 from .experiments import *
 from .paper import *
-from . import core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, experiments, paper
+from . import core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, lab, analysis, experiments, paper
 
-__all__ = [n for m in (core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, experiments, paper) for n in m.__all__]
+__all__ = [n for m in (core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, lab, analysis, experiments, paper) for n in m.__all__]
