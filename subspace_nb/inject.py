@@ -41,7 +41,12 @@ def tuners(model: nn.Module, parts: bool = False) -> dict:
     "The `Tuner` modules that took the place of `model`'s layers, by name; `parts`: also those inside them (a composition's f and g)."
     found = {n: m for n, m in model.named_modules() if isinstance(m, Tuner)}
     if parts: return found
-    return {n: m for n, m in found.items() if not any(p != n and (p == '' or n.startswith(p + '.')) for p in found)}
+    return {n: m for n, m in found.items() if not any(a in found for a in _ancestors(n))}
+
+def _ancestors(name: str) -> list[str]:
+    "The names of the modules that contain module `name`: '' (the model itself), then each prefix of its path."
+    p = name.split('.') if name else []
+    return ['.'.join(p[:i]) for i in range(len(p))]
 
 def default_trainable(model: nn.Module) -> list[str]:
     "Modules that stay trainable by default: the task head (classifier/score/qa_outputs and the pooler), not `lm_head`."

@@ -220,13 +220,12 @@ def lab_bounds(W: torch.Tensor, Wstar: torch.Tensor, r: int, k: int) -> dict:
                 sparse=((gap ** 2 - top.square().sum()).clamp(min=0).sqrt() / gap).item())
 
 # %% ../nbs/32_subspace_lab.ipynb #c025
-KEPT = {DiffPruning: lambda n, m, density=0.005, **hp: n_entries(n, m, density)}   # numbers kept after `finish`
+KEPT = {DiffPruning.name: lambda n, m, density=0.005, **hp: n_entries(n, m, density)}   # numbers kept after `finish`, by method name
 
 def lab_count(method, layer: nn.Module, name: str = 'layer', **hp) -> int:
     "Trainable numbers `method` puts on `layer` with `hp` (what it keeps after training where that differs: `KEPT`)."
     cls = get_method(method)
-    for c, f in KEPT.items():
-        if issubclass(cls, c): return f(*dims(layer), **hp)
+    if cls.name in KEPT: return KEPT[cls.name](*dims(layer), **hp)      # by name: a notebook may re-register the class
     return cls.count({name: layer}, **hp)
 
 def _closest(count, lo, hi, budget, cast):
