@@ -44,9 +44,9 @@ def svd(W: torch.Tensor, dtype=torch.float32):
     "Thin SVD `U, S, Vh` of `W` (any shape), computed in `dtype`; `W = U @ diag(S) @ Vh`."
     return torch.linalg.svd(W.to(dtype), full_matrices=False)
 
-def svd_top(W: torch.Tensor, r: int, q: int = 4, oversample: int = 8, seed: int = 0, dtype=torch.float32):
-    "Top-`r` SVD of `W` by a randomized range finder with `q` power iterations; exact below 2x the sketch size."
-    k = min(r + oversample, *W.shape)
+def svd_top(W: torch.Tensor, r: int, q: int = 4, oversample: int | None = None, seed: int = 0, dtype=torch.float32):
+    "Top-`r` SVD of `W` by a randomized range finder (sketch of r + `oversample` columns, default max(8, r); `q` power iterations); exact below 2x the sketch size."
+    k = min(r + (max(8, r) if oversample is None else oversample), *W.shape)
     if not 0 < r <= min(W.shape): raise ValueError(f"r={r} must be in 1..{min(W.shape)} for a {tuple(W.shape)} matrix")
     W = W.to(dtype)
     if 2 * k >= min(W.shape):
