@@ -45,6 +45,9 @@ class DoRA(LoRA):
 
     def forward_tuned(self, x):
         c = self.scale(self.direction())                                          # the one rebuild of this forward
+        if self.fusable(x):                                                       # x (W + s A B) in one GEMM (`LowRankFn`)
+            t = self.fused(x, None)
+            return t * c if self.b is None else torch.addcmul(self.b, t, c)       # c (x W + s x A B) + b, one pass
         h = self.base(x)                                                          # x W + b, by the frozen layer
         xw = h if self.b is None else h - self.b                                  # x W
         z = self.s * self.path(self.drop(x).to(self.A.dtype))                     # s (x A) B, on activations

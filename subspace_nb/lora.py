@@ -11,10 +11,31 @@ from .core import *
 from .mpc import MPC, check_mpc
 
 # %% auto #0
-__all__ = ['MIDDLES', 'INITS', 'LowRank', 'LoRA']
+__all__ = ['MIDDLES', 'INITS', 'LowRankFn', 'LowRank', 'LoRA']
 
 # %% ../nbs/20_lora.ipynb #c006
 MIDDLES = {None: 'A B', 'diag': 'A D B', 'core': 'A G B'}     # the middle factor M of Delta W = A M B (§4.1)
+
+class LowRankFn(torch.autograd.Function):
+    r"""$y = x(W + sAB) + b$ as one GEMM against $W' = W + sAB$, formed $(m \times n)$ in each forward; torch layout
+    (x: (N, n), W: (m, n), A: (r, n), B: (m, r)). The backward forms no weight gradient, only the thin products
+    $\partial B = s\,\partial y^\top (xA)$, $\partial A = s\,(\partial y\,B)^\top x$ and $\partial x = \partial y\,W'$."""
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):
+        ctx.save_for_backward(x, W, A, B)                # W' is rebuilt in the backward: no (m, n) copy kept per layer
+        ctx.s = s
+        return F.linear(x, torch.addmm(W, B, A, alpha=s), b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, A, B = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        gB = g @ B                                                           # dy B, (N, r)
+        dx = g @ torch.addmm(W, B, A, alpha=s) if need[0] else None          # dy W'
+        dA = s * (gB.T @ x) if need[3] else None                             # (r, n)
+        dB = s * (g.T @ (x @ A.T)) if need[4] else None                      # (m, r), x A recomputed (N, r)
+        db = g.sum(0) if need[2] else None
+        return dx, None, db, dA, dB, None
 INITS = ('zeros', 'ones', 'kaiming', 'kaiming-normal', 'normal')
 
 class LowRank(Tuner):
@@ -65,16 +86,37 @@ class LowRank(Tuner):
         with torch.no_grad(): p.copy_(t)
         return p
 
-    def path(self, h):
-        "The low-rank path on activations, paper layout: h -> h A M B (h A passes MPC_n's non-linearity when mpc='n')."
+    def lead(self, h):
+        "The low-rank path up to its last factor, h -> h A M, (..., r) (h A passes MPC_n's non-linearity when mpc='n')."
         h = h @ self.A.T                                                # x A,      (..., r)
         if self.mpc == 'n': h = self.mpc_act(h)                         # MPC_n
-        if self.middle == 'diag': h = h * self.D                        # x A D
-        elif self.middle == 'core': h = h @ self.G.T                    # x A G
-        return h @ self.B.T                                             # x A M B,  (..., m)
+        if self.middle == 'diag': return h * self.D                     # x A D
+        if self.middle == 'core': return h @ self.G.T                   # x A G
+        return h
+
+    def path(self, h):
+        "The low-rank path on activations, paper layout: h -> h A M B, (..., m)."
+        return self.lead(h) @ self.B.T
+
+    def add_path(self, y, x):
+        "y + s (x A M) B, dropout on the path only; the scale and the sum ride in the last GEMM when y has the factors' dtype."
+        z = self.lead(self.drop(x).to(self.A.dtype))                    # x A M, (..., r)
+        if z.dtype != y.dtype: return y + (self.s * (z @ self.B.T)).to(y.dtype)   # e.g. a bfloat16 layer: one cast
+        return torch.addmm(y.reshape(-1, self.m), z.reshape(-1, self.r), self.B.T, alpha=self.s).view(y.shape)
+
+    def fusable(self, x) -> bool:
+        "Does the one-GEMM form (`LowRankFn`) cover this call? No middle or MPC_n, no dropout at work, W frozen in one dtype, a plain layer below."
+        return (self.middle is None and self.mpc != 'n' and not (self.training and not isinstance(self.drop, nn.Identity))
+                and not isinstance(self.base, Tuner) and not self.W.requires_grad
+                and x.dtype == self.W.dtype == self.A.dtype == self.B.dtype)
+
+    def fused(self, x, b):
+        "x (W + s A B) + b through `LowRankFn`, for x of any leading shape."
+        return LowRankFn.apply(x.reshape(-1, self.n), self.W, b, self.A, self.B, self.s).view(*x.shape[:-1], self.m)
 
     def forward_tuned(self, x):
-        return self.base(x) + (self.s * self.path(self.drop(x).to(self.A.dtype))).to(x.dtype)
+        if self.fusable(x): return self.fused(x, self.b)                # x (W + s A B) + b, one GEMM
+        return self.add_path(self.base(x), x)                           # x W + b + s (x A M) B
 
     def delta(self):
         r"$s\,\Delta W^\top = s\,B^\top M^\top A^\top$, torch layout $(m, n)$, float32."
