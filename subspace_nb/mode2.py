@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 import torch
 from torch import nn
+import torch.nn.functional as F
 from .core import *
 
 # %% auto #0
-__all__ = ['SIDES', 'SCALING_TARGETS', 'FFN_DOWN', 'Scaling', 'IA3', 'SSL', 'SSB']
+__all__ = ['SIDES', 'SCALING_TARGETS', 'FFN_DOWN', 'ScalingFn', 'Scaling', 'IA3', 'SSL', 'SSB']
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c014
 SIDES = ('in', 'out')          # 'in': l_in scales the n inputs (paper D1 W); 'out': l_out scales the m outputs (W D2)
@@ -21,6 +22,29 @@ SCALING_TARGETS = ('key', 'value', 'intermediate.dense',  # BERT, RoBERTa (and D
                    'c_attn', 'c_fc')                       # GPT-2: fused q, k, v Conv1D and the FFN's first Conv1D
 
 FFN_DOWN = r'.*\.layer\.\d+\.output\.dense|.*\.mlp\.(down_proj|c_proj)'   # the FFN's second layer: BERT-like, LLaMA, GPT-2
+
+class ScalingFn(torch.autograd.Function):
+    r"""$y = (x D_1 W + b) D_2$ (eq. 7) with $D_1$ folded into the weight ($W D_1$ is $m \times n$, formed per call), so the
+    forward makes one full-width pass ($\cdot D_2$) instead of two; torch layout, `l_in`/`l_out` may be None. Backward:
+    $\partial x = \partial y\,(D_1 W D_2)^\top$ as one GEMM, $\partial l_{out} = \sum_t \partial y \odot y_0$ with
+    $y_0 = x D_1 W + b$, and $\partial l_{in} = \sum_t x \odot \partial x \,/\, l_{in}$ (every $l_{in}$ nonzero)."""
+    @staticmethod
+    def forward(ctx, x, W, b, l_in, l_out):
+        y0 = F.linear(x, W if l_in is None else W * l_in, b)                 # x D1 W + b, one GEMM
+        ctx.save_for_backward(None if l_in is None else x, None if l_out is None else y0, W, l_in, l_out)
+        return y0 if l_out is None else y0 * l_out                            # (x D1 W + b) D2
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y0, W, l_in, l_out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        Wf = W if l_in is None else W * l_in                                  # W D1 (torch layout)
+        if l_out is not None: Wf = l_out[:, None] * Wf                        # (D1 W D2)^T
+        dx = g @ Wf if need[0] or need[3] else None                           # the layer's own activation gradient
+        dl_in = (x * dx).sum(0) / l_in if need[3] else None                   # dx = (dy D2 W^T) l_in
+        dl_out = (g * y0).sum(0) if need[4] else None
+        db = (g if l_out is None else g * l_out).sum(0) if need[2] else None
+        return dx if need[0] else None, None, db, dl_in, dl_out
 
 class Scaling(Tuner):
     r"Mode 2 by diagonal scaling (eq. 7): $W' = D_1 W D_2$, $b' = b D_2$; a subclass declares which `sides` train."
@@ -47,7 +71,15 @@ class Scaling(Tuner):
         self.l_in = self.new(self.n, init='ones') if 'in' in sides else None    # D1 = diag(l_in),  (n,)
         self.l_out = self.new(self.m, init='ones') if 'out' in sides else None  # D2 = diag(l_out), (m,)
 
+    def fusable(self, x) -> bool:
+        "Does `ScalingFn` cover this call? A plain frozen layer below, one dtype throughout, no zero in l_in."
+        ls = [l for l in (self.l_in, self.l_out) if l is not None]
+        return (not isinstance(self.base, Tuner) and not self.W.requires_grad and all(x.dtype == self.W.dtype == l.dtype for l in ls)
+                and (self.l_in is None or bool(self.l_in.ne(0).all())))
+
     def forward_tuned(self, x):
+        if self.fusable(x):
+            return ScalingFn.apply(x.reshape(-1, self.n), self.W, self.b, self.l_in, self.l_out).view(*x.shape[:-1], self.m)
         if self.l_in is not None: x = x * self.l_in.to(x.dtype)                     # x D1
         y = self.base(x)                                                             # x D1 W + b
         return y if self.l_out is None else y * self.l_out.to(y.dtype)              # (x D1 W + b) D2
