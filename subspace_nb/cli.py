@@ -74,14 +74,22 @@ EXAMPLES = '''examples:
   subspace-nb sweep --preset cpu-mini --results results/cpu-mini.jsonl --limit 10
   subspace-nb table --results results/cpu-mini.jsonl'''
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    "Every option's default in its help line, and the examples kept one per line."
+    def _get_help_string(self, action):
+        h = action.help or ''
+        if action.required: return h + ' (required)'
+        if action.default is None and 'default' in h: return h           # the help says what None stands for
+        return super()._get_help_string(action)
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):                          # one line, not the usage block: `--help` shows that
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 def parser() -> argparse.ArgumentParser:
-    F = argparse.ArgumentDefaultsHelpFormatter
+    F = _Help
     p = _Parser(prog='subspace-nb', description='Parameter-efficient fine-tuning as subspace tuning.',
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXAMPLES, formatter_class=F)
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{methods,train,sweep,table,demo}')
     sub.add_parser('methods', help='the registered methods, their modes and parameter counts', formatter_class=F)
     for name, small in (('train', False), ('demo', True)):
@@ -92,27 +100,27 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument('--hp', action='append', default=[], metavar='NAME=VALUE', help='a hyper-parameter of the method (repeatable)')
         t.add_argument('--train-size', type=int, default=500 if small else 1000, help='training examples (a seeded subset)')
         t.add_argument('--dev-size', type=int, default=None, help='dev examples (default: the whole dev set)')
-        t.add_argument('--epochs', type=float, default=1 if small else 2)
+        t.add_argument('--epochs', type=float, default=1 if small else 2, help='passes over the training subset')
         t.add_argument('--lr', type=float, default=None, help="learning rate (default: cpu-mini's rate for the method's family)")
-        t.add_argument('--max-len', type=int, default=64)
-        t.add_argument('--seed', type=int, default=0)
+        t.add_argument('--max-len', type=int, default=64, help='tokens per example (longer ones are cut)')
+        t.add_argument('--seed', type=int, default=0, help='the training subset, its order and the head initialisation')
         t.add_argument('--model', default=None, help='a Hugging Face checkpoint name or path (default: the embedded MiniLM)')
         t.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')
         t.add_argument('--results', default=None, help='append the run record to this JSONL file')
     s = sub.add_parser('sweep', formatter_class=F, epilog=EXAMPLES, help="run a preset's missing runs; resumable")
-    s.add_argument('--preset', default='cpu-mini', choices=list(PRESETS))
+    s.add_argument('--preset', default='cpu-mini', choices=list(PRESETS), help='the protocol: sizes, learning rates, ranks, seeds')
     s.add_argument('--results', required=True, help='the JSONL results file (finished runs are skipped)')
-    s.add_argument('--tasks', nargs='+', default=None, help="default: the preset's")
+    s.add_argument('--tasks', nargs='+', default=None, help="default: the preset's tasks (those with data)")
     s.add_argument('--methods', nargs='+', default=None, help='default: every registered method of the paper\'s tables, and the compositions set against DoRA')
-    s.add_argument('--ranks', nargs='+', type=int, default=None)
-    s.add_argument('--seeds', nargs='+', type=int, default=None)
-    s.add_argument('--model', default=None)
-    s.add_argument('--data', default=None)
-    s.add_argument('--limit', type=int, default=None, help='stop after this many new runs')
+    s.add_argument('--ranks', nargs='+', type=int, default=None, help="budgets r; default: the preset's")
+    s.add_argument('--seeds', nargs='+', type=int, default=None, help="default: the preset's seeds")
+    s.add_argument('--model', default=None, help="a Hugging Face checkpoint name or path; default: the preset's")
+    s.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')
+    s.add_argument('--limit', type=int, default=None, help='stop after this many new runs (default: no limit)')
     s.add_argument('--dry-run', action='store_true', help='list what would run')
     tb = sub.add_parser('table', formatter_class=F, help='a results file as the paper\'s tables (mean ± s.e. over seeds)')
-    tb.add_argument('--results', required=True)
-    tb.add_argument('--tasks', nargs='+', default=None)
+    tb.add_argument('--results', required=True, help='the JSONL results file')
+    tb.add_argument('--tasks', nargs='+', default=None, help='columns; default: every task in the file')
     return p
 
 def main(argv=None) -> int:
