@@ -16,13 +16,14 @@ from .models import load_minilm, tiny_model
 from .lora import LoRA
 
 # %% auto #0
-__all__ = ['PEFT_TWINS', 'TARGETS', 'PROTOTYPES', 'PARTS', 'machine', 'bench_model', 'token_batch', 'frozen_limit', 'peft_cannot',
-           'paired_methods', 'method_hp', 'peft_config', 'peft_twin', 'trainable', 'build', 'trainer', 'interleave',
-           'ratio', 'compare', 'step_table', 'show_steps', 'memory_child', 'peak_memory', 'memory_table', 'show_memory',
-           'perturb_', 'inference_table', 'show_inference', 'test_matrix', 'kept_errors', 'svd_bench', 'show_svd',
-           'sweep', 'plot_sweeps', 'op_times', 'op_diff', 'profile_report', 'LoRAFoldedScale', 'LoRAAddmm',
-           'LoRACustomGrad', 'LoRAFusedGemm', 'as_prototype', 'prototype_table', 'show_prototypes', 'show_cuda_memory',
-           'accelerator_tables', 'target_rows', 'show_targets', 'save_results', 'run_benchmarks', 'main']
+__all__ = ['PEFT_TWINS', 'TARGETS', 'PROTOTYPES', 'PARTS', 'machine', 'load_results', 'bench_model', 'token_batch',
+           'frozen_limit', 'peft_cannot', 'paired_methods', 'method_hp', 'peft_config', 'peft_twin', 'trainable',
+           'build', 'trainer', 'interleave', 'ratio', 'compare', 'step_table', 'show_steps', 'memory_child',
+           'peak_memory', 'memory_table', 'show_memory', 'perturb_', 'inference_table', 'show_inference', 'test_matrix',
+           'kept_errors', 'svd_bench', 'show_svd', 'sweep', 'plot_sweeps', 'op_times', 'op_diff', 'profile_report',
+           'LoRAFoldedScale', 'LoRAAddmm', 'LoRACustomGrad', 'LoRAFusedGemm', 'as_prototype', 'prototype_table',
+           'show_prototypes', 'show_cuda_memory', 'accelerator_tables', 'target_rows', 'show_targets', 'save_results',
+           'run_benchmarks', 'main']
 
 # %% ../nbs/60_benchmarks.ipynb #c005
 def machine() -> dict:
@@ -39,6 +40,15 @@ def machine() -> dict:
              blas='MKL' if torch.backends.mkl.is_available() else 'other')
     if torch.cuda.is_available(): d['gpu'] = torch.cuda.get_device_name()
     return d
+
+# %% ../nbs/60_benchmarks.ipynb #c006b
+def load_results(name: str, folder='bench_results'):
+    "The result that `save_results` wrote as `folder/name.json`; the machine it was measured on is under the key 'machine'."
+    f = Path(folder) / f'{name}.json'
+    if not f.exists(): raise FileNotFoundError(f"no benchmark result {f}: run `make bench` (or `--parts {name}`) first")
+    d = json.loads(f.read_text())
+    res = d['result']
+    return dict(res, machine=d['machine']) if isinstance(res, dict) else res
 
 # %% ../nbs/60_benchmarks.ipynb #c008
 def bench_model(name: str = 'minilm', dtype=torch.float32, device='cpu') -> nn.Module:
@@ -300,9 +310,10 @@ def _rss_kib() -> int:
     return 0
 
 def _hwm_kib() -> int:
+    "Peak resident set of this process image (VmHWM). Not `getrusage`'s ru_maxrss: Linux keeps that over `execve`, so a child would report its parent's peak."
     for l in Path('/proc/self/status').read_text().splitlines():
         if l.startswith('VmHWM:'): return int(l.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    raise OSError('no VmHWM in /proc/self/status: peak memory is measured on Linux only')
 
 def memory_child(spec: str):
     "Run in a fresh process: build one entry, train `steps` steps, print its peak memory as a JSON line."
@@ -317,12 +328,12 @@ def memory_child(spec: str):
     else: m = build(sp['kind'], sp['name'], sp['model'], sp['r'], dt)
     x = token_batch(m, sp['batch'], sp['seq'])
     step = trainer(m)
-    before, load_peak = _rss_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, load_peak = _rss_kib(), _hwm_kib()
     reset = True
     try: Path('/proc/self/clear_refs').write_text('5')      # restart the high-water mark (Linux)
     except OSError: reset = False
     for _ in range(sp['steps']): step(x)
-    peak = max(load_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)   # the reset may restart ru_maxrss too
+    peak = max(load_peak, _hwm_kib())                      # the reset restarted VmHWM at the resident size
     print('BENCH ' + json.dumps(dict(peak_mib=peak / 1024,
                                      train_mib=(_hwm_kib() - before) / 1024 if reset else None,
                                      setup_peak_mib=load_peak / 1024, rss_before_mib=before / 1024)))
@@ -450,7 +461,8 @@ def test_matrix(n: int, kind: str = 'decay', seed: int = 0) -> torch.Tensor:
 def kept_errors(W, U, S, Vh, Ur, Sr, Vhr) -> dict:
     "Errors of an approximate top-r SVD `Ur, Sr, Vhr` against the exact `U, S, Vh` of `W`, without forming n x n products."
     r = len(Sr)
-    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    U, S, Vh, Ur, Sr, Vhr = (t.double() for t in (U[:, :r], S[:r], Vh[:r], Ur, Sr, Vhr))   # the sums below cancel: float64
+    W = W.double()
     sv = ((Sr - S).abs() / S).max().item()                            # singular values of the kept part
     # ||Ur Sr Vhr - U S Vh||_F^2 = |S|^2 + |Sr|^2 - 2 tr(Sr (Ur^T U) S (Vh Vhr^T))
     cross = torch.trace(torch.diag(Sr) @ (Ur.T @ U) @ torch.diag(S) @ (Vh @ Vhr.T))
