@@ -21,6 +21,7 @@ class DoRA(LoRA):
     equation = "phi(W) = m (W + s A B) / ||W + s A B||_c, m = ||W||_c at init (eq. 27; = W D + A B D, eq. 28)"
     formula = 'r(n + m) + m'               # LoRA's r(n + m) plus one magnitude per output
     no_decay = ('magnitude',)              # lengths of the output columns: decay would switch features off
+    builds_weight = True                   # W + s A B is built for the norms: the one GEMM always pays
     test_hp = dict(r=4)
 
     def __init__(self, base, r: int = 8, alpha: float | None = None, dropout: float = 0.0, mpc: str | None = None,
@@ -44,10 +45,9 @@ class DoRA(LoRA):
         return self.magnitude / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
 
     def forward_tuned(self, x):
-        c = self.scale(self.direction())                                          # the one rebuild of this forward
-        if self.fusable(x):                                                       # x (W + s A B) in one GEMM (`LowRankFn`)
-            t = self.fused(x, None)
-            return t * c if self.b is None else torch.addcmul(self.b, t, c)       # c (x W + s x A B) + b, one pass
+        V = self.direction()                                                      # W + s A B: the one rebuild of this forward
+        c = self.scale(V)
+        if self.fusable(x): return self.fused(x, self.b, c=c, V=V)                # x diag(c) (W + s A B) + b, one GEMM
         h = self.base(x)                                                          # x W + b, by the frozen layer
         xw = h if self.b is None else h - self.b                                  # x W
         z = self.s * self.path(self.drop(x).to(self.A.dtype))                     # s (x A) B, on activations

@@ -11,31 +11,58 @@ from .core import *
 from .mpc import MPC, check_mpc
 
 # %% auto #0
-__all__ = ['MIDDLES', 'INITS', 'LowRankFn', 'LowRank', 'LoRA']
+__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'LowRankFn', 'LowRank', 'LoRA']
 
 # %% ../nbs/20_lora.ipynb #c006
 MIDDLES = {None: 'A B', 'diag': 'A D B', 'core': 'A G B'}     # the middle factor M of Delta W = A M B (§4.1)
 
+def one_gemm_ok(t: Tuner, x: torch.Tensor, *tensors, built: bool = False) -> bool:
+    """What every one-GEMM layer (`LowRankFn`) needs: a plain layer below `t`, its W frozen, x, W and `tensors` in one
+    dtype, and — unless the caller builds the (m, n) weight anyway (`built`) — enough tokens N that building it
+    ($mnr$) costs no more than the thin path it replaces ($Nr(n + m)$): $N(n + m) \ge nm$. One token at a time
+    (generation) keeps the thin path."""
+    return (not isinstance(t.base, Tuner) and not t.W.requires_grad
+            and all(v.dtype == t.W.dtype for v in (x, *tensors))
+            and (built or x.numel() // max(x.shape[-1], 1) * (t.n + t.m) >= t.n * t.m))
+
 class LowRankFn(torch.autograd.Function):
-    r"""$y = x(W + sAB) + b$ as one GEMM against $W' = W + sAB$, formed $(m \times n)$ in each forward; torch layout
-    (x: (N, n), W: (m, n), A: (r, n), B: (m, r)). The backward forms no weight gradient, only the thin products
-    $\partial B = s\,\partial y^\top (xA)$, $\partial A = s\,(\partial y\,B)^\top x$ and $\partial x = \partial y\,W'$."""
+    r"""$y = c\odot x(W + sAB) + b$ as one GEMM against $W'' = \mathrm{diag}(c)(W + sAB)$, torch layout (x: (N, n),
+    W: (m, n), A: (r, n), B: (m, r), c: (m,) or None for 1). `V` is $W + sAB$ when the caller has built it already
+    (no graph). The backward forms no weight gradient, only the thin products
+    $\partial B = s\,c\odot\partial y^\top (xA)$, $\partial A = s\,(\partial y\,\mathrm{diag}(c)B)^\top x$, $\partial x = \partial y\,W''$
+    and $\partial c = \sum_N \partial y\odot(y - b)/c$ from the saved output."""
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s):
-        ctx.save_for_backward(x, W, A, B)                # W' is rebuilt in the backward: no (m, n) copy kept per layer
-        ctx.s = s
-        return F.linear(x, torch.addmm(W, B, A, alpha=s), b)
+    def forward(ctx, x, W, b, A, B, s, c=None, V=None):
+        Wp = torch.addmm(W, B, A, alpha=s) if V is None else V            # W + s A B, (m, n)
+        if c is not None: Wp = Wp * c[:, None]                            # diag(c) (W + s A B)
+        y = F.linear(x, Wp, b)
+        keep_y = c is not None and ctx.needs_input_grad[6]                # dc needs x(W + sAB) = (y - b) / c
+        ctx.s = s                                                         # W'' is rebuilt in the backward: no (m, n) copy kept
+        ctx.save_for_backward(x, W, b, A, B, c, y if keep_y else None)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, W, A, B = ctx.saved_tensors
-        s, need = ctx.s, ctx.needs_input_grad
-        gB = g @ B                                                           # dy B, (N, r)
-        dx = g @ torch.addmm(W, B, A, alpha=s) if need[0] else None          # dy W'
-        dA = s * (gB.T @ x) if need[3] else None                             # (r, n)
-        dB = s * (g.T @ (x @ A.T)) if need[4] else None                      # (m, r), x A recomputed (N, r)
-        db = g.sum(0) if need[2] else None
-        return dx, None, db, dA, dB, None
+        x, W, b, A, B, c, y = ctx.saved_tensors
+        s, k = ctx.s, len(ctx.needs_input_grad)                           # 6 to 8 inputs were given
+        need = ctx.needs_input_grad + (False,) * (8 - k)
+        Bc = B if c is None else B * c[:, None]                           # diag(c) B, (m, r)
+        dx = dA = dB = db = dc = None
+        if need[0]: dx = g @ torch.addmm(W if c is None else W * c[:, None], Bc, A, alpha=s)   # dy W''
+        if need[3]: dA = s * ((g @ Bc).T @ x)                                                  # (r, n)
+        if need[4]:
+            dB = s * (g.T @ (x @ A.T))                                    # (m, r), x A recomputed (N, r)
+            if c is not None: dB = dB * c[:, None]
+        if need[2] or need[6]: gs = g.sum(0)
+        if need[2]: db = gs
+        if need[6]:
+            gy = (g * y).sum(0) if b is None else (g * y).sum(0) - b * gs  # sum_N dy (y - b) = c sum_N dy x(W + sAB)
+            zero = c == 0                                                  # there y - b is 0: the column's t is lost
+            dc = gy / torch.where(zero, torch.ones_like(c), c)
+            if zero.any():                                                 # recompute those columns only
+                Vz = torch.addmm(W[zero], B[zero], A, alpha=s)
+                dc[zero] = (g[:, zero] * (x @ Vz.T)).sum(0)
+        return (dx, None, db, dA, dB, None, dc, None)[:k]
 INITS = ('zeros', 'ones', 'kaiming', 'kaiming-normal', 'normal')
 
 class LowRank(Tuner):
@@ -44,6 +71,7 @@ class LowRank(Tuner):
     middle = None                          # None: A B;  'diag': A D B (D = diag(d));  'core': A G B (G is r x r)
     init = dict(A='kaiming', B='zeros')    # how each factor starts: one of INITS ('normal' is N(0, 0.02))
     mpc_act = staticmethod(F.relu)         # MPC_n: the non-linearity between x A and the rest of the path
+    builds_weight = False                  # the forward builds W + s A B anyway (DoRA, for its norms)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -107,12 +135,12 @@ class LowRank(Tuner):
     def fusable(self, x) -> bool:
         "Does the one-GEMM form (`LowRankFn`) cover this call? No middle or MPC_n, no dropout at work, W frozen in one dtype, a plain layer below."
         return (self.middle is None and self.mpc != 'n' and not (self.training and not isinstance(self.drop, nn.Identity))
-                and not isinstance(self.base, Tuner) and not self.W.requires_grad
-                and x.dtype == self.W.dtype == self.A.dtype == self.B.dtype)
+                and one_gemm_ok(self, x, self.A, self.B, built=self.builds_weight))
 
-    def fused(self, x, b):
-        "x (W + s A B) + b through `LowRankFn`, for x of any leading shape."
-        return LowRankFn.apply(x.reshape(-1, self.n), self.W, b, self.A, self.B, self.s).view(*x.shape[:-1], self.m)
+    def fused(self, x, b, c=None, V=None):
+        "c (x (W + s A B)) + b through `LowRankFn`, for x of any leading shape (`V`: W + s A B if built already)."
+        y = LowRankFn.apply(x.reshape(-1, self.n), self.W, b, self.A, self.B, self.s, c, V)
+        return y.view(*x.shape[:-1], self.m)
 
     def forward_tuned(self, x):
         if self.fusable(x): return self.fused(x, self.b)                # x (W + s A B) + b, one GEMM

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import *
+from .lora import LowRankFn, one_gemm_ok
 
 # %% auto #0
 __all__ = ['SHARES', 'group_key', 'SharedFactors', 'Shared', 'check_width', 'VeRA', 'LoTR']
@@ -158,7 +159,14 @@ class VeRA(Shared):
         for t in (A, B): nn.init.kaiming_uniform_(t, generator=generator)   # a = 0: bound sqrt(6 / fan_in)
         return dict(A=A, B=B)
 
+    def fusable(self, x) -> bool:
+        "The one-GEMM form (`LowRankFn` with B' = Λ_b B Λ_d, s = 1) applies: W frozen, one dtype, enough tokens, a plain layer below."
+        return one_gemm_ok(self, x, self.A, self.B, self.lambda_d, self.lambda_b)
+
     def forward_tuned(self, x):
+        if self.fusable(x):                                                  # x (W + Λ_b B Λ_d A)^T + b, one GEMM
+            Bp = self.lambda_b[:, None] * self.B * self.lambda_d             # Λ_b B Λ_d, (m, r): the vectors' gradients flow through it
+            return LowRankFn.apply(x.reshape(-1, self.n), self.W, self.b, self.A, Bp, 1.0).view(*x.shape[:-1], self.m)
         y = self.base(x)
         z = F.linear(x.to(torch.float32), self.A) * self.lambda_d            # Lambda_d A x, (..., r)
         return y + (F.linear(z, self.B) * self.lambda_b).to(y.dtype)        # + Lambda_b B Lambda_d A x
