@@ -277,7 +277,7 @@ def step_table(methods=None, extra=('ssl', 'ssb'), seqs=(64, 128), batch: int = 
         del groups, limit
     return out
 
-TARGETS = dict(vs_peft=0.9, mem_vs_peft=1.0, lora_vs_limit=1.15, scaling_vs_limit=1.03, merged_vs_plain=1.0,
+TARGETS = dict(vs_peft=0.9, mem_vs_peft=1.0, lora_vs_limit=1.15, dora_vs_lora=1.1, scaling_vs_limit=1.03, merged_vs_plain=1.0,
                svd_speedup=10.0, svd_err=0.01)
 
 def _fmt(q): return f"{q['median']:.2f} ({q['lo']:.2f}-{q['hi']:.2f})"
@@ -718,6 +718,10 @@ def target_rows(steps=None, memory=None, inference=None, svd=None) -> list:
             for n, q in row['vs_peft'].items(): add('step ours/PEFT', f'{n}, seq {s}', q['median'], '<= 0.9', q['median'] <= TARGETS['vs_peft'])
             q = row['vs_limit'].get('ours:lora')
             if q: add('step LoRA/limit', f'seq {s}', q['median'], '<= 1.15', q['median'] <= TARGETS['lora_vs_limit'])
+            d = row['vs_limit'].get('ours:dora')
+            if q and d:                                  # each paired with its own limit rounds; their quotient
+                add('step DoRA/our LoRA', f'seq {s}', d['median'] / q['median'], '<= 1.1',
+                    d['median'] / q['median'] <= TARGETS['dora_vs_lora'])
             for k, q in row['vs_limit'].items():
                 n = k.split(':', 1)[-1]
                 if k.startswith('ours:') and n in METHODS and get_method(n).mode == 'mode2':

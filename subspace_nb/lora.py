@@ -132,14 +132,20 @@ class LowRank(Tuner):
         if z.dtype != y.dtype: return y + (self.s * (z @ self.B.T)).to(y.dtype)   # e.g. a bfloat16 layer: one cast
         return torch.addmm(y.reshape(-1, self.m), z.reshape(-1, self.r), self.B.T, alpha=self.s).view(y.shape)
 
+    def outer(self) -> torch.Tensor:
+        "The last factor with the middle folded in, torch layout (m, r): B, B diag(d) or B G — an (m x r) product."
+        if self.middle == 'diag': return self.B * self.D
+        if self.middle == 'core': return self.B @ self.G
+        return self.B
+
     def fusable(self, x) -> bool:
-        "Does the one-GEMM form (`LowRankFn`) cover this call? No middle or MPC_n, no dropout at work, W frozen in one dtype, a plain layer below."
-        return (self.middle is None and self.mpc != 'n' and not (self.training and not isinstance(self.drop, nn.Identity))
+        "Does the one-GEMM form (`LowRankFn`) cover this call? No MPC_n, no dropout at work, W frozen in one dtype, a plain layer below, enough tokens."
+        return (self.mpc != 'n' and not (self.training and not isinstance(self.drop, nn.Identity))
                 and one_gemm_ok(self, x, self.A, self.B, built=self.builds_weight))
 
     def fused(self, x, b, c=None, V=None):
-        "c (x (W + s A B)) + b through `LowRankFn`, for x of any leading shape (`V`: W + s A B if built already)."
-        y = LowRankFn.apply(x.reshape(-1, self.n), self.W, b, self.A, self.B, self.s, c, V)
+        "c (x (W + s A M B)) + b through `LowRankFn` with M folded into B (`outer`), for x of any leading shape (`V`: W + s A M B if built already)."
+        y = LowRankFn.apply(x.reshape(-1, self.n), self.W, b, self.A, self.outer(), self.s, c, V)
         return y.view(*x.shape[:-1], self.m)
 
     def forward_tuned(self, x):

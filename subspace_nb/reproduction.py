@@ -9,7 +9,19 @@ from pathlib import Path
 from .sweeps import read_results, results_table, summarise, PAPER_METHODS, SWEEP_METHODS, plan, run_id
 
 # %% auto #0
-__all__ = ['CLAIMS', 'seed_spread', 'pairs', 'verdict', 'ledger', 'show_ledger']
+__all__ = ['CLAIMS', 'majority_baseline', 'seed_spread', 'pairs', 'verdict', 'ledger', 'show_ledger']
+
+# %% ../nbs/51_reproduction.ipynb #c007b
+def majority_baseline(tasks, root=None) -> dict:
+    "task -> the dev score ×100 of always predicting the training set's majority class (None for STS-B's regression)."
+    from subspace_nb.experiments import load_glue, metric, TASKS
+    out = {}
+    for t in tasks:
+        if TASKS[t]['labels'] is None: out[t] = None; continue
+        ytr, dev = load_glue(t, 'train', root)['y'], load_glue(t, 'dev', root)
+        top = max(set(ytr), key=ytr.count)
+        out[t] = 100 * metric(t, [top] * len(dev['y']), dev['y'])
+    return out
 
 # %% ../nbs/51_reproduction.ipynb #c031
 def seed_spread(records: list[dict]) -> list[dict]:
