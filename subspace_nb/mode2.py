@@ -24,26 +24,32 @@ SCALING_TARGETS = ('key', 'value', 'intermediate.dense',  # BERT, RoBERTa (and D
 FFN_DOWN = r'.*\.layer\.\d+\.output\.dense|.*\.mlp\.(down_proj|c_proj)'   # the FFN's second layer: BERT-like, LLaMA, GPT-2
 
 class ScalingFn(torch.autograd.Function):
-    r"""$y = (x D_1 W + b) D_2$ (eq. 7) with $D_1$ folded into the weight ($W D_1$ is $m \times n$, formed per call), so the
-    forward makes one full-width pass ($\cdot D_2$) instead of two; torch layout, `l_in`/`l_out` may be None. Backward:
-    $\partial x = \partial y\,(D_1 W D_2)^\top$ as one GEMM, $\partial l_{out} = \sum_t \partial y \odot y_0$ with
-    $y_0 = x D_1 W + b$, and $\partial l_{in} = \sum_t x \odot \partial x \,/\, l_{in}$ (every $l_{in}$ nonzero)."""
+    r"""$y = (x D_1 W + b) D_2$ (eq. 7) as one GEMM against $D_1 W D_2$ with the bias $b D_2$: both diagonals are folded
+    into the weight ($m \times n$, formed per call), so no pass over the activations is left in the forward; torch
+    layout, `l_in`/`l_out` may be None. Backward: $\partial x = \partial y\,(D_1 W D_2)^\top$ as one GEMM,
+    $\partial l_{out} = \sum_t \partial y \odot y \,/\, l_{out}$ from the kept output, and
+    $\partial l_{in} = \sum_t x \odot \partial x \,/\, l_{in}$ (every entry of both vectors nonzero: `Scaling.fusable`)."""
     @staticmethod
     def forward(ctx, x, W, b, l_in, l_out):
-        y0 = F.linear(x, W if l_in is None else W * l_in, b)                 # x D1 W + b, one GEMM
-        ctx.save_for_backward(None if l_in is None else x, None if l_out is None else y0, W, l_in, l_out)
-        return y0 if l_out is None else y0 * l_out                            # (x D1 W + b) D2
+        Wf = W if l_in is None else W * l_in                                  # W D1 (torch layout)
+        if l_out is not None:
+            Wf = l_out[:, None] * Wf                                          # (D1 W D2)^T
+            if b is not None: b = b * l_out                                   # b D2
+        y = F.linear(x, Wf, b)                                                # (x D1 W + b) D2, one GEMM
+        ctx.save_for_backward(None if l_in is None else x, y if l_out is not None and ctx.needs_input_grad[4] else None,
+                              W, l_in, l_out)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, y0, W, l_in, l_out = ctx.saved_tensors
+        x, y, W, l_in, l_out = ctx.saved_tensors
         need = ctx.needs_input_grad
         Wf = W if l_in is None else W * l_in                                  # W D1 (torch layout)
-        if l_out is not None: Wf = l_out[:, None] * Wf                        # (D1 W D2)^T
+        if l_out is not None: Wf = l_out[:, None] * Wf                        # (D1 W D2)^T, rebuilt: no (m, n) copy kept
         dx = g @ Wf if need[0] or need[3] else None                           # the layer's own activation gradient
         dl_in = (x * dx).sum(0) / l_in if need[3] else None                   # dx = (dy D2 W^T) l_in
-        dl_out = (g * y0).sum(0) if need[4] else None
-        db = (g if l_out is None else g * l_out).sum(0) if need[2] else None
+        dl_out = (g * y).sum(0) / l_out if need[4] else None                  # y = y0 l_out, y0 = x D1 W + b
+        db = (g.sum(0) if l_out is None else g.sum(0) * l_out) if need[2] else None
         return dx if need[0] else None, None, db, dl_in, dl_out
 
 class Scaling(Tuner):
@@ -72,10 +78,10 @@ class Scaling(Tuner):
         self.l_out = self.new(self.m, init='ones') if 'out' in sides else None  # D2 = diag(l_out), (m,)
 
     def fusable(self, x) -> bool:
-        "Does `ScalingFn` cover this call? A plain frozen layer below, one dtype throughout, no zero in l_in."
+        "Does `ScalingFn` cover this call? A plain frozen layer below, one dtype throughout, no zero in l_in or l_out."
         ls = [l for l in (self.l_in, self.l_out) if l is not None]
         return (not isinstance(self.base, Tuner) and not self.W.requires_grad and all(x.dtype == self.W.dtype == l.dtype for l in ls)
-                and (self.l_in is None or bool(self.l_in.ne(0).all())))
+                and all(bool(l.ne(0).all()) for l in ls))
 
     def forward_tuned(self, x):
         if self.fusable(x):
