@@ -17,11 +17,11 @@ __all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'LowRankFn', 'LowRank', 'LoRA']
 MIDDLES = {None: 'A B', 'diag': 'A D B', 'core': 'A G B'}     # the middle factor M of Delta W = A M B (§4.1)
 
 def one_gemm_ok(t: Tuner, x: torch.Tensor, *tensors, built: bool = False) -> bool:
-    """What every one-GEMM layer (`LowRankFn`) needs: a plain layer below `t`, its W frozen, x, W and `tensors` in one
-    dtype, and — unless the caller builds the (m, n) weight anyway (`built`) — enough tokens N that building it
-    ($mnr$) costs no more than the thin path it replaces ($Nr(n + m)$): $N(n + m) \ge nm$. One token at a time
-    (generation) keeps the thin path."""
-    return (not isinstance(t.base, Tuner) and not t.W.requires_grad
+    r"""What every one-GEMM layer (`LowRankFn`) needs: a plain layer below `t`, its W frozen, x, W and `tensors` in one
+    dtype, no autocast (it would run the forward's GEMM in another dtype than the written-out backward), and — unless
+    the caller builds the (m, n) weight anyway (`built`) — enough tokens N that building it ($mnr$) costs no more than
+    the thin path it replaces ($Nr(n + m)$): $N(n + m) \ge nm$. One token at a time (generation) keeps the thin path."""
+    return (not isinstance(t.base, Tuner) and not t.W.requires_grad and not torch.is_autocast_enabled(x.device.type)
             and all(v.dtype == t.W.dtype for v in (x, *tensors))
             and (built or x.numel() // max(x.shape[-1], 1) * (t.n + t.m) >= t.n * t.m))
 

@@ -78,9 +78,9 @@ class Scaling(Tuner):
         self.l_out = self.new(self.m, init='ones') if 'out' in sides else None  # D2 = diag(l_out), (m,)
 
     def fusable(self, x) -> bool:
-        "Does `ScalingFn` cover this call? A plain frozen layer below, one dtype throughout, no zero in l_in or l_out."
+        "Does `ScalingFn` cover this call? A plain frozen layer below, one dtype throughout, no autocast, no zero in l_in or l_out."
         ls = [l for l in (self.l_in, self.l_out) if l is not None]
-        return (not isinstance(self.base, Tuner) and not self.W.requires_grad and all(x.dtype == self.W.dtype == l.dtype for l in ls)
+        return (not isinstance(self.base, Tuner) and not self.W.requires_grad and not torch.is_autocast_enabled(x.device.type) and all(x.dtype == self.W.dtype == l.dtype for l in ls)
                 and all(bool(l.ne(0).all()) for l in ls))
 
     def forward_tuned(self, x):

@@ -202,3 +202,17 @@ def test_registry_declarations_are_complete():
         assert c.mode in MODES and c.equation and c.formula, n
         assert f'| {n} |' in table
         hparams(c)                      # the signature can be read
+
+
+@pytest.mark.parametrize('arch', ['bert', 'llama'])
+@pytest.mark.parametrize('name', NAMES)
+def test_trains_under_autocast(name, arch):
+    "A float32 model trained under bfloat16 autocast (what Trainer(bf16=True) does): forward, backward, finite gradients."
+    if not applicable(name, arch): return
+    m = tuned(name, arch)
+    x = tiny_batch(n=8, l=16)                   # enough tokens that the one-GEMM layers would otherwise take their fast form
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = m(**x).logits.float().square().sum() + regularizer(m)
+    loss.backward()
+    grads = [p.grad for p in method_params(m).values() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads), f"{name} under autocast: no or non-finite gradients"
