@@ -11,7 +11,7 @@ from .core import *
 from .mpc import MPC, check_mpc
 
 # %% auto #0
-__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'LowRankFn', 'LowRank', 'LoRA']
+__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'plus_low_rank', 'LowRankFn', 'LowRank', 'LoRA']
 
 # %% ../nbs/20_lora.ipynb #c006
 MIDDLES = {None: 'A B', 'diag': 'A D B', 'core': 'A G B'}     # the middle factor M of Delta W = A M B (§4.1)
@@ -25,6 +25,11 @@ def one_gemm_ok(t: Tuner, x: torch.Tensor, *tensors, built: bool = False) -> boo
             and all(v.dtype == t.W.dtype for v in (x, *tensors))
             and (built or x.numel() // max(x.shape[-1], 1) * (t.n + t.m) >= t.n * t.m))
 
+def plus_low_rank(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    "W + s B A (torch layout), formed in W's own memory layout (a Conv1D stores its weight transposed), so a GEMM against it rounds as the layer's own."
+    if not W.is_contiguous() and W.t().is_contiguous(): return torch.addmm(W.t(), A.t(), B.t(), alpha=s).t()
+    return torch.addmm(W, B, A, alpha=s)
+
 class LowRankFn(torch.autograd.Function):
     r"""$y = c\odot x(W + sAB) + b$ as one GEMM against $W'' = \mathrm{diag}(c)(W + sAB)$, torch layout (x: (N, n),
     W: (m, n), A: (r, n), B: (m, r), c: (m,) or None for 1). `V` is $W + sAB$ when the caller has built it already
@@ -33,7 +38,7 @@ class LowRankFn(torch.autograd.Function):
     and $\partial c = \sum_N \partial y\odot(y - b)/c$ from the saved output."""
     @staticmethod
     def forward(ctx, x, W, b, A, B, s, c=None, V=None):
-        Wp = torch.addmm(W, B, A, alpha=s) if V is None else V            # W + s A B, (m, n)
+        Wp = plus_low_rank(W, B, A, s) if V is None else V                # W + s A B, (m, n)
         if c is not None: Wp = Wp * c[:, None]                            # diag(c) (W + s A B)
         y = F.linear(x, Wp, b)
         keep_y = c is not None and ctx.needs_input_grad[6]                # dc needs x(W + sAB) = (y - b) / c
@@ -48,7 +53,7 @@ class LowRankFn(torch.autograd.Function):
         need = ctx.needs_input_grad + (False,) * (8 - k)
         Bc = B if c is None else B * c[:, None]                           # diag(c) B, (m, r)
         dx = dA = dB = db = dc = None
-        if need[0]: dx = g @ torch.addmm(W if c is None else W * c[:, None], Bc, A, alpha=s)   # dy W''
+        if need[0]: dx = g @ plus_low_rank(W if c is None else W * c[:, None], Bc, A, s)       # dy W''
         if need[3]: dA = s * ((g @ Bc).T @ x)                                                  # (r, n)
         if need[4]:
             dB = s * (g.T @ (x @ A.T))                                    # (m, r), x A recomputed (N, r)
@@ -60,7 +65,7 @@ class LowRankFn(torch.autograd.Function):
             zero = c == 0                                                  # there y - b is 0: the column's t is lost
             dc = gy / torch.where(zero, torch.ones_like(c), c)
             if zero.any():                                                 # recompute those columns only
-                Vz = torch.addmm(W[zero], B[zero], A, alpha=s)
+                Vz = plus_low_rank(W[zero], B[zero], A, s)
                 dc[zero] = (g[:, zero] * (x @ Vz.T)).sum(0)
         return (dx, None, db, dA, dB, None, dc, None)[:k]
 INITS = ('zeros', 'ones', 'kaiming', 'kaiming-normal', 'normal')
