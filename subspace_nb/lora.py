@@ -11,7 +11,7 @@ from .core import *
 from .mpc import MPC, check_mpc
 
 # %% auto #0
-__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'plus_low_rank', 'LowRankFn', 'LowRank', 'LoRA']
+__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'plus_low_rank', 'LowRankFn', 'one_gemm', 'LowRank', 'LoRA']
 
 # %% ../nbs/20_lora.ipynb #c006
 MIDDLES = {None: 'A B', 'diag': 'A D B', 'core': 'A G B'}     # the middle factor M of Delta W = A M B (§4.1)
@@ -68,6 +68,10 @@ class LowRankFn(torch.autograd.Function):
                 Vz = plus_low_rank(W[zero], B[zero], A, s)
                 dc[zero] = (g[:, zero] * (x @ Vz.T)).sum(0)
         return (dx, None, db, dA, dB, None, dc, None)[:k]
+def one_gemm(x, W, b, A, B, s: float = 1.0, c=None, V=None) -> torch.Tensor:
+    "`LowRankFn` for x of any leading shape: c (x (W + s B A)^T) + b in torch layout (`V`: W + s B A if built already)."
+    return LowRankFn.apply(x.reshape(-1, x.shape[-1]), W, b, A, B, s, c, V).view(*x.shape[:-1], W.shape[0])
+
 INITS = ('zeros', 'ones', 'kaiming', 'kaiming-normal', 'normal')
 
 class LowRank(Tuner):
@@ -150,8 +154,7 @@ class LowRank(Tuner):
 
     def fused(self, x, b, c=None, V=None):
         "c (x (W + s A M B)) + b through `LowRankFn` with M folded into B (`outer`), for x of any leading shape (`V`: W + s A M B if built already)."
-        y = LowRankFn.apply(x.reshape(-1, self.n), self.W, b, self.A, self.outer(), self.s, c, V)
-        return y.view(*x.shape[:-1], self.m)
+        return one_gemm(x, self.W, b, self.A, self.outer(), self.s, c, V)
 
     def forward_tuned(self, x):
         if self.fusable(x): return self.fused(x, self.b)                # x (W + s A B) + b, one GEMM

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import *
-from .lora import LowRankFn, one_gemm_ok
+from .lora import one_gemm, one_gemm_ok
 
 # %% auto #0
 __all__ = ['SHARES', 'group_key', 'SharedFactors', 'Shared', 'check_width', 'VeRA', 'LoTR']
@@ -166,7 +166,7 @@ class VeRA(Shared):
     def forward_tuned(self, x):
         if self.fusable(x):                                                  # x (W + Λ_b B Λ_d A)^T + b, one GEMM
             Bp = self.lambda_b[:, None] * self.B * self.lambda_d             # Λ_b B Λ_d, (m, r): the vectors' gradients flow through it
-            return LowRankFn.apply(x.reshape(-1, self.n), self.W, self.b, self.A, Bp, 1.0).view(*x.shape[:-1], self.m)
+            return one_gemm(x, self.W, self.b, self.A, Bp)
         y = self.base(x)
         z = F.linear(x.to(torch.float32), self.A) * self.lambda_d            # Lambda_d A x, (..., r)
         return y + (F.linear(z, self.B) * self.lambda_b).to(y.dtype)        # + Lambda_b B Lambda_d A x
