@@ -41,6 +41,8 @@ class Composition(Tuner):
     def forward_tuned(self, x): return self.g.forward_tuned(x)      # g's forward calls its base: f's forward
     def tuned(self): return self.g.tuned()                           # g's tuned() builds on f's W', b'
     def regularizer(self): return self.f.regularizer() + self.g.regularizer()
+    @property
+    def reg_parts(self): return (self.f, self.g)           # each part's term weighed by its own rule (`reg_mean`)
 
     def merge(self, safe: bool = False):
         super().merge(safe)

@@ -114,6 +114,7 @@ class Tuner(nn.Module):
     preserving: bool = True    # at initialisation the tuned layer computes exactly what `base` computed
     wraps: bool = True         # replaces each target layer; False: changes the model in place (`attach`)
     no_decay: tuple = ()       # parameters weight decay must not pull toward 0
+    reg_mean: bool = False     # `regularizer()` is averaged over the model's layers, not summed (MPC, eq. 20-21)
     targets = 'all-linear'     # default targets (see `find_targets`)
     is_tuning = True           # its parameters (outside `base`) were added by tuning, and are saved with it
 

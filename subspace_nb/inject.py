@@ -401,8 +401,11 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     return [g for g in (dict(params=yes, weight_decay=weight_decay), dict(params=no, weight_decay=0.0)) if g['params']]
 
 def regularizer(model: nn.Module):
-    "Sum of the tuners' regularisers (0 when none has one)."
-    return sum((t.regularizer() for t in tuners(model).values()), 0.)
+    "The tuners' loss terms (0 when none has one): summed over layers, or averaged where the tuner says `reg_mean`."
+    ts = [p for t in tuners(model).values() for p in getattr(t, 'reg_parts', (t,))]   # a composition: f and g
+    mean = [t for t in ts if t.reg_mean]
+    total = sum((t.regularizer() for t in ts if not t.reg_mean), 0.)
+    return total + (sum((t.regularizer() for t in mean), 0.) / len(mean) if mean else 0.)
 
 def methods_of(model: nn.Module) -> list[type]:
     "The method classes a tuned model runs, in the order their protocol hooks run."

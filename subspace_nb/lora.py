@@ -175,6 +175,8 @@ class LowRank(Tuner):
         if self.mpc == 'n': self._no_single_weight()
         super().merge(safe)
 
+    reg_mean = True     # lambda weighs the mean over layers (AdaLoRA's normalisation): it does not grow with depth
+
     def regularizer(self):
         r"`mpc_weight` $\cdot\,\mathrm{MPC}(A, B)$ for `mpc` 'o' (eq. 20) or 'd' (eq. 21); 0 otherwise."
         if self.mpc not in MPC: return 0.

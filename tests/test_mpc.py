@@ -47,8 +47,8 @@ def test_gradients_and_regulariser(name, mpc, arch):
     m = tuned(name, mpc, arch)
     ts = tuners(m)
     reg = regularizer(m)
-    if mpc in MPC:                                   # lambda * MPC(A, B) summed over layers, paper layout
-        want = sum(MPC_WEIGHT * MPC[mpc](t.A.T, t.B.T) for t in ts.values())
+    if mpc in MPC:                                   # lambda * MPC(A, B) averaged over layers, paper layout
+        want = sum(MPC_WEIGHT * MPC[mpc](t.A.T, t.B.T) for t in ts.values()) / len(ts)
         torch.testing.assert_close(reg, want)
         assert reg.item() > 0
     else:
@@ -122,3 +122,30 @@ def test_mpc_values_refused_clearly():
     with pytest.raises(ValueError, match='mpc_weight=-1'): apply_tuning(m, 'trilora', mpc='o', mpc_weight=-1)
     assert not tuners(m) and not hasattr(m, 'subspace')
     assert get_method('adalora')(torch.nn.Linear(6, 5), r=2).mpc == 'o'      # AdaLoRA's own regulariser is MPC_o
+
+
+def test_mpc_weight_does_not_grow_with_depth():
+    "lambda weighs the mean over layers: the same tuner repeated on more layers gives the same regulariser."
+    from subspace_nb.models import tiny_config
+    from transformers import BertForSequenceClassification
+    regs = []
+    for layers in (1, 3):
+        cfg = tiny_config('bert'); cfg.num_hidden_layers = layers
+        torch.manual_seed(0); m = BertForSequenceClassification(cfg)
+        ts = tuners(apply_tuning(m, 'lora', mpc='o', seed=0))
+        for t in ts.values():                               # every layer's factors set alike: equal per-layer terms
+            with torch.no_grad(): t.A.fill_(0.3); t.B.fill_(0.2)
+        regs.append(regularizer(m).item())
+        assert len(ts) == 6 * layers
+    assert abs(regs[0] - regs[1]) < 1e-4 * regs[0], regs
+
+
+def test_composition_weighs_each_part_by_its_own_rule():
+    "Diff pruning's L0 term is a sum over layers, MPC's a mean: in f,g each keeps its rule."
+    from subspace_nb.composition import compose
+    compose('diff-pruning', 'lora')
+    m = apply_tuning(tiny_model('bert'), 'diff-pruning,lora', mpc='o')
+    ts = list(tuners(m).values())
+    want = sum(t.f.regularizer() for t in ts) + sum(t.g.regularizer() for t in ts) / len(ts)
+    torch.testing.assert_close(regularizer(m), want)
+    assert sum(t.g.regularizer() for t in ts).item() > 0 and sum(t.f.regularizer() for t in ts).item() > 0
