@@ -12,7 +12,8 @@ from .experiments import TASKS, glue_root, _hp
 from .sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'UserError', 'cmd_methods', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main', 'console']
+__all__ = ['EXAMPLES', 'UserError', 'cmd_methods', 'train_config', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main',
+           'console']
 
 # %% ../nbs/42_cli.ipynb #c005
 class UserError(Exception):
@@ -39,13 +40,19 @@ def cmd_methods(a):
     load_all()
     print(taxonomy())
 
-def cmd_train(a):
+def train_config(a) -> dict:
+    "The run `train` makes: cpu-mini's configuration of the task and method, with what the options change."
     hp = dict(_hp(s) for s in a.hp)
-    name, extra = _check_method(a.method, hp)
-    _check_task(a.task, a.data)
+    _check_method(a.method, hp)
     cfg = plan('cpu-mini', tasks=[a.task], methods=[a.method], ranks=[hp.get('r', 8)], seeds=[a.seed], model=a.model,
-               train_size=a.train_size, epochs=a.epochs, max_len=a.max_len, dev_size=a.dev_size, lr=a.lr)[0]
+               train_size=a.train_size, epochs=a.epochs, batch_size=a.batch_size, max_len=a.max_len, dev_size=a.dev_size,
+               lr=a.lr)[0]                                          # None: the preset's value for the task
     cfg['hp'] = cfg['hp'] | hp                                          # the user's hyper-parameters win
+    return cfg
+
+def cmd_train(a):
+    _check_task(a.task, a.data)
+    cfg = train_config(a)
     rec = run_one(cfg, a.data)
     print(f"{rec['config']['method']} on {a.task}: dev {rec['dev']}; {rec['trainable']:,} trainable "
           f"({rec['per_mille']:.2f}‰); loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f} over {rec['steps']} steps; "
@@ -98,11 +105,16 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument('--method', default='ssb' if small else 'lora', help='a registered method, or a variant such as lora+mpc_o')
         t.add_argument('--task', default='SST-2', help=f"a GLUE task with data: {', '.join(_tasks_with_data()) or 'none found'}")
         t.add_argument('--hp', action='append', default=[], metavar='NAME=VALUE', help='a hyper-parameter of the method (repeatable)')
-        t.add_argument('--train-size', type=int, default=500 if small else 1000, help='training examples (a seeded subset)')
+        mini = 'cpu-mini\'s for the task, the run of its table cell'
+        t.add_argument('--train-size', type=int, default=500 if small else None,
+                       help='training examples, a seeded subset' + ('' if small else f' (default: {mini}: SST-2 1000, others 2000)'))
         t.add_argument('--dev-size', type=int, default=None, help='dev examples (default: the whole dev set)')
-        t.add_argument('--epochs', type=float, default=1 if small else 2, help='passes over the training subset')
+        t.add_argument('--epochs', type=float, default=1 if small else None,
+                       help='passes over the training subset' + ('' if small else f' (default: {mini}: 2)'))
+        t.add_argument('--batch-size', type=int, default=None, help="examples per step (default: cpu-mini's: SST-2 32, others 16)")
         t.add_argument('--lr', type=float, default=None, help="learning rate (default: cpu-mini's rate for the method's family)")
-        t.add_argument('--max-len', type=int, default=64, help='tokens per example (longer ones are cut)')
+        t.add_argument('--max-len', type=int, default=64 if small else None,
+                       help='tokens per example, longer ones cut' + ('' if small else ' (default: cpu-mini\'s: 64 single sentences, 128 pairs)'))
         t.add_argument('--seed', type=int, default=0, help='the training subset, its order and the head initialisation')
         t.add_argument('--model', default=None, help='a Hugging Face checkpoint name or path (default: the embedded MiniLM)')
         t.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')

@@ -14,8 +14,8 @@ from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_datas
 
 # %% auto #0
 __all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS', 'PRESETS',
-           'run_id', 'append_result', 'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'plan',
-           'versions', 'run_one', 'sweep', 'summarise', 'results_table']
+           'run_id', 'append_result', 'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'per_task',
+           'plan', 'versions', 'run_one', 'sweep', 'summarise', 'results_table']
 
 # %% ../nbs/41_sweeps.ipynb #c005
 def run_id(cfg: dict) -> str:
@@ -70,7 +70,8 @@ PROMPT_METHODS = {'prompt-tuning', 'prefix-tuning'}
 
 PRESETS = {
     'cpu-mini': dict(model=None, tasks=['SST-2', 'MRPC', 'CoLA', 'STS-B', 'RTE'], ranks=[8], seeds=[0, 1, 2],
-                     train_size=1000, epochs=2, batch_size=32, max_len=(64, 128), dev_size=None, warmup=0.06, lr=None),
+                     train_size={'SST-2': 1000, '*': 2000}, epochs=2, batch_size={'SST-2': 32, '*': 16},  # '*': other tasks
+                     max_len=(64, 128), dev_size=None, warmup=0.06, lr=None),
     'paper': dict(model='roberta-base', tasks=list(TABLE6), ranks=[2, 4, 8, 16], seeds=[0, 1, 2, 3, 4],
                   train_size=None, epochs=None, batch_size=32, max_len=None, dev_size=None, warmup=0.06, lr=None),
 }
@@ -89,6 +90,10 @@ def budget_hp(name: str, r: int) -> dict:
 
 def cpu_mini_lr(name: str) -> float:
     return 5e-5 if name == 'full' else 3e-3 if name in VECTOR_METHODS else 1e-2 if name in PROMPT_METHODS else 1e-3
+
+def per_task(v, task: str):
+    "A preset setting for `task`: `v` itself, or `v[task]` (else `v['*']`) when it is given per task."
+    return (v[task] if task in v else v['*']) if isinstance(v, dict) else v
 
 def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=None, model=None, **over) -> list[dict]:
     "The run configurations of a sweep, task by task, seed by seed, method by method."
@@ -115,8 +120,8 @@ def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=N
                         ml = P['max_len']; ml = ml[len(TASKS[t]['text']) - 1] if isinstance(ml, (tuple, list)) else ml
                         prot = dict(lr=P.get('lr') or cpu_mini_lr(name), epochs=P['epochs'], max_len=ml)
                     cfg = dict(preset=preset, model=model or P['model'], task=t, method=label, name=name, hp=hp,
-                               budget=r if 'r' in hp else None, seed=s, train_size=P['train_size'],
-                               batch_size=P['batch_size'], warmup=P['warmup'], dev_size=P['dev_size'], **prot)
+                               budget=r if 'r' in hp else None, seed=s, train_size=per_task(P['train_size'], t),
+                               batch_size=per_task(P['batch_size'], t), warmup=P['warmup'], dev_size=P['dev_size'], **prot)
                     out.append(cfg)
     return out
 
