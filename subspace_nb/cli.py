@@ -81,6 +81,13 @@ EXAMPLES = '''examples:
   subspace-nb sweep --preset cpu-mini --results results/cpu-mini.jsonl --limit 10
   subspace-nb table --results results/cpu-mini.jsonl'''
 
+def _preset_says(key: str, preset: str = 'cpu-mini') -> str:
+    "A preset's setting as the help shows it, read from `PRESETS` so the help cannot drift from the runs."
+    v = PRESETS[preset][key]
+    if isinstance(v, dict): return ', '.join(f"{k} {x}" for k, x in v.items() if k != '*') + f", others {v['*']}"
+    if isinstance(v, (tuple, list)): return f"{v[0]} single sentences, {v[1]} pairs"   # indexed by the task's text fields
+    return str(v)
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     "Every option's default in its help line, and the examples kept one per line."
     def _get_help_string(self, action):
@@ -107,14 +114,14 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument('--hp', action='append', default=[], metavar='NAME=VALUE', help='a hyper-parameter of the method (repeatable)')
         mini = 'cpu-mini\'s for the task, the run of its table cell'
         t.add_argument('--train-size', type=int, default=500 if small else None,
-                       help='training examples, a seeded subset' + ('' if small else f' (default: {mini}: SST-2 1000, others 2000)'))
+                       help='training examples, a seeded subset' + ('' if small else f' (default: {mini}: {_preset_says("train_size")})'))
         t.add_argument('--dev-size', type=int, default=None, help='dev examples (default: the whole dev set)')
         t.add_argument('--epochs', type=float, default=1 if small else None,
-                       help='passes over the training subset' + ('' if small else f' (default: {mini}: 2)'))
-        t.add_argument('--batch-size', type=int, default=None, help="examples per step (default: cpu-mini's: SST-2 32, others 16)")
+                       help='passes over the training subset' + ('' if small else f' (default: {mini}: {_preset_says("epochs")})'))
+        t.add_argument('--batch-size', type=int, default=None, help=f"examples per step (default: cpu-mini's: {_preset_says('batch_size')})")
         t.add_argument('--lr', type=float, default=None, help="learning rate (default: cpu-mini's rate for the method's family)")
         t.add_argument('--max-len', type=int, default=64 if small else None,
-                       help='tokens per example, longer ones cut' + ('' if small else ' (default: cpu-mini\'s: 64 single sentences, 128 pairs)'))
+                       help='tokens per example, longer ones cut' + ('' if small else f' (default: cpu-mini\'s: {_preset_says("max_len")})'))
         t.add_argument('--seed', type=int, default=0, help='the training subset, its order and the head initialisation')
         t.add_argument('--model', default=None, help='a Hugging Face checkpoint name or path (default: the embedded MiniLM)')
         t.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')
