@@ -57,14 +57,16 @@ def cmd_train(a):
     print(f"{rec['config']['method']} on {a.task}: dev {rec['dev']}; {rec['trainable']:,} trainable "
           f"({rec['per_mille']:.2f}‰); loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f} over {rec['steps']} steps; "
           f"{rec['seconds']:.0f} s")
-    if a.results: append_result(a.results, rec)
+    if a.results and not append_result(a.results, rec):
+        print(f"{a.results} already has run {rec['id']} (this configuration); its first record is kept", file=sys.stderr)
 
 def cmd_sweep(a):
     for m in a.methods or []: _check_method(m, {})
     for t in a.tasks or []: _check_task(t, a.data)
     res = sweep(a.results, a.preset, tasks=a.tasks, methods=a.methods, ranks=a.ranks, seeds=a.seeds, model=a.model,
-                root=a.data, limit=a.limit, dry=a.dry_run)
-    print(f"{len(res['todo'])} runs to do, {len(res['done'])} done now, {len(res['failed'])} failed; results in {a.results}")
+                root=a.data, limit=a.limit, dry=a.dry_run, workers=a.workers)
+    print(f"{len(res['todo'])} runs to do, {len(res['done'])} done now, {len(res['failed'])} failed"
+          + (f", {len(res['skipped'])} left to other sweeps" if res['skipped'] else '') + f"; results in {a.results}")
     if a.dry_run:
         for c in res['todo'][:20]: print(f"  {c['task']} {c['method']} r={c['budget']} seed {c['seed']} lr {c['lr']}")
     return 1 if res['failed'] else 0
@@ -79,6 +81,7 @@ EXAMPLES = '''examples:
   subspace-nb train --method lora --task SST-2 --hp r=8
   subspace-nb train --method ssb --task MRPC --train-size 500 --results results/mine.jsonl
   subspace-nb sweep --preset cpu-mini --results results/cpu-mini.jsonl --limit 10
+  subspace-nb sweep --preset cpu-mini --results results/cpu-mini.jsonl --tasks MRPC --workers 2
   subspace-nb table --results results/cpu-mini.jsonl'''
 
 def _preset_says(key: str, preset: str = 'cpu-mini') -> str:
@@ -136,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--model', default=None, help="a Hugging Face checkpoint name or path; default: the preset's")
     s.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')
     s.add_argument('--limit', type=int, default=None, help='stop after this many new runs (default: no limit)')
+    s.add_argument('--workers', type=int, default=1,
+                   help='runs at once, each with the cores / WORKERS as its threads; sweeps sharing a results file never run a configuration twice')
     s.add_argument('--dry-run', action='store_true', help='list what would run')
     tb = sub.add_parser('table', formatter_class=F, help='a results file as the paper\'s tables (mean ± s.e. over seeds)')
     tb.add_argument('--results', required=True, help='the JSONL results file')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_sweeps.ipynb #c002
 from __future__ import annotations
-import os, sys, json, time, hashlib, fcntl, resource, subprocess, statistics, platform, tempfile
+import os, sys, json, time, hashlib, fcntl, resource, subprocess, statistics, platform, tempfile, threading
 from pathlib import Path
 import torch
 from .core import get_method, METHODS, load_all
@@ -22,8 +22,8 @@ def run_id(cfg: dict) -> str:
     "A stable name for a run configuration: the first 16 hex digits of the SHA-1 of its sorted JSON."
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
-def append_result(path, record: dict):
-    "Append `record` as one JSON line to `path`, atomically with respect to other writers and to crashes."
+def append_result(path, record: dict) -> bool:
+    "Append `record` as one JSON line to `path`, atomically with respect to other writers and to crashes; `False` if its id is there already."
     line = (json.dumps(record, sort_keys=True) + '\n').encode()
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -33,8 +33,12 @@ def append_result(path, record: dict):
         if size and os.pread(fd, 1, size - 1) != b'\n':              # a torn tail: cut back to the last newline
             data = os.pread(fd, size, 0)
             os.ftruncate(fd, data.rfind(b'\n') + 1)
+        if 'id' in record and size:                                  # one record per run id
+            have = os.pread(fd, os.fstat(fd).st_size, 0).split(b'\n')
+            if any(l and json.loads(l).get('id') == record['id'] for l in have): return False
         os.write(fd, line)
         os.fsync(fd)
+        return True
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
@@ -162,25 +166,56 @@ def _child(cfg_json: str, path: str, root: str | None):
           f"{rec['metric']} {rec['score']:.4f} ({rec['seconds']:.0f} s)", flush=True)
 
 # %% ../nbs/41_sweeps.ipynb #c014
-def sweep(path, preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=None, model=None, root=None,
-          limit: int | None = None, dry: bool = False, **over) -> dict:
-    "Run the configurations of `plan(...)` missing from results file `path`, each in its own process."
-    todo = [c for c in plan(preset, tasks, methods, ranks, seeds, model, **over) if run_id(c) not in finished(path)]
-    if dry: return dict(todo=todo, done=[], failed=[])
-    done, failed = [], []
-    env = os.environ | dict(TOKENIZERS_PARALLELISM='false')
-    for c in todo[:limit]:
-        if run_id(c) in finished(path): continue                       # another process finished it meanwhile
+def _claim(path, cfg: dict) -> int | None:
+    "A file descriptor holding an exclusive lock on running `cfg` for results file `path`; None if another process holds it."
+    path = Path(path)
+    d = path.parent / f'.{path.name}.claims'; d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / f'{run_id(cfg)}.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError: os.close(fd); return None
+    return fd
+
+def _run_claimed(c: dict, path, root, env, say) -> str:
+    "Run `c` in a fresh process if nobody else runs or ran it: 'done', 'skipped', or the failure's last line."
+    fd = _claim(path, c)
+    if fd is None: return 'skipped'                                       # another process is running it
+    try:
+        if run_id(c) in finished(path): return 'skipped'                  # finished while we waited for the claim
         code = 'import sys; from subspace_nb.sweeps import _child; _child(*sys.argv[1:])'
         with tempfile.TemporaryFile('w+') as err:
             p = subprocess.Popen([sys.executable, '-c', code, json.dumps(c), str(path), str(root or '')], env=env,
-                                 stdout=subprocess.PIPE, stderr=err, text=True)
-            for line in p.stdout: print(line, end='', flush=True)        # the child's one line per run, as it comes
+                                 stdout=subprocess.PIPE, stderr=err, text=True, pass_fds=(fd,))   # the run holds the claim too
+            for line in p.stdout: say(line)                                # the child's one line per run, as it comes
             p.wait(); err.seek(0); why = err.read().strip()
-        if p.returncode: failed.append((c, why.splitlines()[-1] if why else f'exit {p.returncode}'))
-        else: done.append(c)
-    for c, why in failed: print(f"failed: {c['task']} {c['method']} seed {c['seed']}: {why}", file=sys.stderr)
-    return dict(todo=todo, done=done, failed=failed)
+        return 'done' if p.returncode == 0 else (why.splitlines()[-1] if why else f'exit {p.returncode}')
+    finally:
+        os.close(fd)
+
+def sweep(path, preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=None, model=None, root=None,
+          limit: int | None = None, dry: bool = False, workers: int = 1, **over) -> dict:
+    "Run the configurations of `plan(...)` missing from results file `path`, each in its own process, `workers` at a time."
+    if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers={workers!r}: expected a whole number, 1 or more")
+    todo = [c for c in plan(preset, tasks, methods, ranks, seeds, model, **over) if run_id(c) not in finished(path)]
+    if dry: return dict(todo=todo, done=[], failed=[], skipped=[])
+    out, queue, lock = dict(todo=todo, done=[], failed=[], skipped=[]), list(todo[:limit]), threading.Lock()
+    env = os.environ | dict(TOKENIZERS_PARALLELISM='false')
+    if workers > 1 and 'OMP_NUM_THREADS' not in os.environ: env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
+    def say(line):
+        with lock: print(line, end='', flush=True)
+    def worker():
+        while True:
+            with lock:
+                if not queue: return
+                c = queue.pop(0)
+            r = _run_claimed(c, path, root, env, say)
+            with lock:
+                if r in ('done', 'skipped'): out[r].append(c)
+                else: out['failed'].append((c, r))
+    ths = [threading.Thread(target=worker) for _ in range(min(workers, len(queue)) or 1)]
+    for t in ths: t.start()
+    for t in ths: t.join()
+    for c, why in out['failed']: print(f"failed: {c['task']} {c['method']} seed {c['seed']}: {why}", file=sys.stderr)
+    return out
 
 # %% ../nbs/41_sweeps.ipynb #c018
 def summarise(records: list[dict]) -> dict:
