@@ -15,7 +15,7 @@ from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_datas
 # %% auto #0
 __all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS', 'PRESETS',
            'run_id', 'append_result', 'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'per_task',
-           'plan', 'versions', 'run_one', 'sweep', 'summarise', 'results_table']
+           'plan', 'source_commit', 'versions', 'run_one', 'sweep', 'summarise', 'results_table']
 
 # %% ../nbs/41_sweeps.ipynb #c005
 def run_id(cfg: dict) -> str:
@@ -130,10 +130,21 @@ def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=N
     return out
 
 # %% ../nbs/41_sweeps.ipynb #c012
+def source_commit(where=None) -> str | None:
+    "The git commit of the package's source folder (or `where`), `+` if that folder has uncommitted changes; None outside a checkout."
+    import subspace_nb
+    d = str(Path(where or Path(subspace_nb.__file__).parent).resolve())
+    git = lambda *a: subprocess.run(['git', '-C', d, *a], capture_output=True, text=True, timeout=30)
+    try:
+        head = git('rev-parse', '--short=12', 'HEAD')
+        if head.returncode: return None
+        return head.stdout.strip() + ('+' if git('status', '--porcelain', '--', d).stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError): return None
+
 def versions() -> dict:
     import transformers, subspace_nb
     return dict(subspace_nb=subspace_nb.__version__, torch=torch.__version__, transformers=transformers.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), commit=source_commit())
 
 def run_one(cfg: dict, root=None, out_dir=None) -> dict:
     "Train and evaluate one configuration of `plan`; its record."
