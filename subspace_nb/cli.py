@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import METHODS, load_all, get_method, taxonomy
 from .inject import check_hparams, save_tuning, show_report
 from .experiments import TASKS, glue_root, _hp
-from .sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id
+from .sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id, eta_hours
 
 # %% auto #0
 __all__ = ['EXAMPLES', 'UserError', 'cmd_methods', 'train_config', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main',
@@ -60,6 +60,8 @@ def cmd_train(a):
     if a.results and not append_result(a.results, rec):
         print(f"{a.results} already has run {rec['id']} (this configuration); its first record is kept", file=sys.stderr)
 
+def _hours(h: float) -> str: return f"{h:.1f} h" if h >= 1 else f"{60 * h:.0f} min" if 60 * h >= 1 else 'under a minute'
+
 def cmd_sweep(a):
     for m in a.methods or []: _check_method(m, {})
     for t in a.tasks or []: _check_task(t, a.data)
@@ -68,7 +70,15 @@ def cmd_sweep(a):
     print(f"{len(res['todo'])} runs to do, {len(res['done'])} done now, {len(res['failed'])} failed"
           + (f", {len(res['skipped'])} left to other sweeps" if res['skipped'] else '') + f"; results in {a.results}")
     if a.dry_run:
-        for c in res['todo'][:20]: print(f"  {c['task']} {c['method']} r={c['budget']} seed {c['seed']} lr {c['lr']}")
+        h, guessed = eta_hours(res['todo'], read_results(a.results), a.workers)
+        running = {run_id(c) for c in res['running']}
+        print(f"{len(running)} of them running now in another sweep; " + (
+              f"about {_hours(h)} of work left at {a.workers} at a time, from the median run time of each task's finished runs"
+              + (f" ({', '.join(guessed)}: none finished, timed by the median of all)" if guessed else '')
+              if h is not None else 'no finished run yet to time them by'))
+        for c in res['todo'][:20]:
+            print(f"  {c['task']} {c['method']} r={c['budget']} seed {c['seed']} lr {c['lr']}" + (' (running)' if run_id(c) in running else ''))
+        if len(res['todo']) > 20: print(f"  ... and {len(res['todo']) - 20} more")
     return 1 if res['failed'] else 0
 
 def cmd_table(a):

@@ -15,7 +15,7 @@ from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_datas
 # %% auto #0
 __all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS', 'PRESETS',
            'run_id', 'append_result', 'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'per_task',
-           'plan', 'source_commit', 'versions', 'run_one', 'sweep', 'summarise', 'results_table']
+           'plan', 'source_commit', 'versions', 'run_one', 'eta_hours', 'sweep', 'summarise', 'results_table']
 
 # %% ../nbs/41_sweeps.ipynb #c005
 def run_id(cfg: dict) -> str:
@@ -186,6 +186,32 @@ def _claim(path, cfg: dict) -> int | None:
     except BlockingIOError: os.close(fd); return None
     return fd
 
+def _claimed(path, cfg: dict) -> bool:
+    "Whether a live process holds `cfg`'s claim for results file `path` now (it is running that configuration)."
+    path = Path(path); f = path.parent / f'.{path.name}.claims' / f'{run_id(cfg)}.lock'
+    if not f.exists(): return False                                       # never claimed: nothing to create in a dry run
+    fd = os.open(f, os.O_RDONLY)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return False     # free: let go at once in `finally`
+    except BlockingIOError: return True
+    finally: os.close(fd)
+
+def eta_hours(todo: list[dict], records: list[dict], workers: int = 1) -> tuple[float | None, list[str]]:
+    """Hours `todo` takes `workers` at a time, from the median seconds of the finished runs of each (preset, task);
+    and the tasks with none finished, timed by the median of all the preset's runs. `None` with no finished run."""
+    by = {}
+    for r in records: by.setdefault((r['config'].get('preset'), r['config']['task']), []).append(r['seconds'])
+    alls = {}
+    for (pr, _), v in by.items(): alls.setdefault(pr, []).extend(v)
+    total, guessed = 0.0, []
+    for c in todo:
+        v = by.get((c['preset'], c['task']))
+        if not v:
+            v = alls.get(c['preset'])
+            if not v: return None, sorted({c['task'] for c in todo})
+            if c['task'] not in guessed: guessed.append(c['task'])
+        total += statistics.median(v)
+    return total / workers / 3600, guessed
+
 def _run_claimed(c: dict, path, root, env, say) -> str:
     "Run `c` in a fresh process if nobody else runs or ran it: 'done', 'skipped', or the failure's last line."
     fd = _claim(path, c)
@@ -204,10 +230,11 @@ def _run_claimed(c: dict, path, root, env, say) -> str:
 
 def sweep(path, preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=None, model=None, root=None,
           limit: int | None = None, dry: bool = False, workers: int = 1, **over) -> dict:
-    "Run the configurations of `plan(...)` missing from results file `path`, each in its own process, `workers` at a time."
-    if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers={workers!r}: expected a whole number, 1 or more")
+    """Run the configurations of `plan(...)` missing from results file `path`, each in its own process, `workers` at a time.
+    `dry=True` runs nothing and adds `running`: the missing ones another process is running now."""
+    if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers={workers!r}: expected a whole number, 1 or more")
     todo = [c for c in plan(preset, tasks, methods, ranks, seeds, model, **over) if run_id(c) not in finished(path)]
-    if dry: return dict(todo=todo, done=[], failed=[], skipped=[])
+    if dry: return dict(todo=todo, done=[], failed=[], skipped=[], running=[c for c in todo if _claimed(path, c)])
     out, queue, lock = dict(todo=todo, done=[], failed=[], skipped=[]), list(todo[:limit]), threading.Lock()
     env = os.environ | dict(TOKENIZERS_PARALLELISM='false')
     if workers > 1 and 'OMP_NUM_THREADS' not in os.environ: env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
