@@ -60,7 +60,7 @@ def cmd_train(a):
     if a.results and not append_result(a.results, rec):
         print(f"{a.results} already has run {rec['id']} (this configuration); its first record is kept", file=sys.stderr)
 
-def _hours(h: float) -> str: return f"{h:.1f} h" if h >= 1 else f"{60 * h:.0f} min" if 60 * h >= 1 else 'under a minute'
+def _hours(h: float) -> str: return f"about {h:.1f} h" if h >= 1 else f"about {60 * h:.0f} min" if 60 * h >= 1 else 'under a minute'
 
 def cmd_sweep(a):
     for m in a.methods or []: _check_method(m, {})
@@ -73,7 +73,7 @@ def cmd_sweep(a):
         h, guessed = eta_hours(res['todo'], read_results(a.results), a.workers)
         running = {run_id(c) for c in res['running']}
         print(f"{len(running)} of them running now in another sweep; " + (
-              f"about {_hours(h)} of work left at {a.workers} at a time, from the median run time of each task's finished runs"
+              f"{_hours(h)} of work left at {a.workers} at a time, from the median run time of each task's finished runs"
               + (f" ({', '.join(guessed)}: none finished, timed by the median of all)" if guessed else '')
               if h is not None else 'no finished run yet to time them by'))
         for c in res['todo'][:20]:

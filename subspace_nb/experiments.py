@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_experiments.ipynb #c002
 from __future__ import annotations
-import os, math, time, random, argparse, tempfile, contextlib
+import os, math, time, random, numbers, argparse, tempfile, contextlib
 from pathlib import Path
 import torch
 from torch import nn
@@ -16,9 +16,9 @@ from .models import load_minilm
 from .trainer import SubspaceTrainer
 
 # %% auto #0
-__all__ = ['TASKS', 'GLUE_HELP', 'HUB_NAMES', 'DEFAULT_METHOD', 'glue_root', 'read_tsv', 'load_glue', 'num_labels', 'metric',
-           'metrics', 'hub_glue', 'to_dataset', 'glue_dataset', 'batches', 'train', 'predict', 'evaluate', 'few_steps',
-           'demo', 'demo_cli']
+__all__ = ['TASKS', 'GLUE_HELP', 'HUB_NAMES', 'DEFAULT_METHOD', 'glue_root', 'read_tsv', 'check_number', 'load_glue',
+           'num_labels', 'metric', 'metrics', 'hub_glue', 'to_dataset', 'glue_dataset', 'batches', 'train', 'predict',
+           'evaluate', 'few_steps', 'demo', 'demo_cli']
 
 # %% ../nbs/40_experiments.ipynb #c005
 TASKS = {
@@ -67,10 +67,23 @@ def read_tsv(path: Path, header: bool = True, fields: int | None = None) -> list
         out.append(dict(zip(cols, vals), _line=i))
     return out
 
+def check_number(name: str, v, whole: bool = False, low: float = 0, equal: bool = False, high: float | None = None,
+                 none: bool = False):
+    """`v`, if it is a (`whole`) number above `low` (or equal to it: `equal`) and below `high`, or None where `none`;
+    else a ValueError naming `name`, the value and what is accepted."""
+    if v is None and none: return v
+    ok = (isinstance(v, numbers.Integral if whole else numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+          and (v >= low if equal else v > low) and (high is None or v < high))
+    if not ok:
+        raise ValueError(f"{name}={v!r}: expected {'a whole number' if whole else 'a number'} {'≥' if equal else '>'} {low}"
+                         + (f" and < {high}" if high is not None else '') + (' or None' if none else ''))
+    return v
+
 def load_glue(task: str, split: str = 'train', root=None, limit: int | None = None, seed: int = 0) -> dict:
     "`{'a': [...], 'b': [...] or None, 'y': [...]}` for a GLUE task; `limit` takes a seeded random subset."
     if task not in TASKS: raise ValueError(f"task={task!r}: expected one of {list(TASKS)}")
     if split not in ('train', 'dev'): raise ValueError(f"split={split!r}: expected 'train' or 'dev'")
+    check_number('limit', limit, whole=True, none=True)
     spec, base = TASKS[task], glue_root(root)
     path = base / task / f'{split}.tsv'
     if not path.is_file():
@@ -126,6 +139,7 @@ HUB_NAMES = {'SST-2': 'sst2', 'MRPC': 'mrpc', 'RTE': 'rte', 'QNLI': 'qnli', 'CoL
 def hub_glue(task: str, split: str = 'train', limit: int | None = None, seed: int = 0) -> dict:
     "A GLUE split from the Hugging Face hub (`nyu-mll/glue`; needs a network) as a `load_glue` dict."
     if task not in HUB_NAMES: raise ValueError(f"task={task!r}: expected one of {list(HUB_NAMES)}")
+    check_number('limit', limit, whole=True, none=True)
     ds = datasets.load_dataset('nyu-mll/glue', HUB_NAMES[task], split={'train': 'train', 'dev': 'validation'}[split])
     if limit is not None and limit < len(ds): ds = ds.select(sorted(random.Random(seed).sample(range(len(ds)), limit)))
     cols = [c for c in ds.column_names if c not in ('label', 'idx')]
@@ -157,6 +171,7 @@ def glue_dataset(task: str, split: str, tok, root=None, limit: int | None = None
 
 def batches(tok, data: dict, batch_size: int, max_len: int, shuffle: bool = False, seed: int = 0):
     "Tokenised batches (with `labels`) of a `load_glue` dict, outside a Trainer."
+    check_number('batch_size', batch_size, whole=True); check_number('max_len', max_len, whole=True)
     idx = list(range(len(data['y'])))
     if shuffle: random.Random(seed).shuffle(idx)
     reg = TASKS[data['task']]['labels'] is None
@@ -175,7 +190,14 @@ def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: flo
           out_dir=None, save_steps: int | None = None, resume: bool = False, max_grad_norm: float = 1.0,
           **args) -> list[float]:
     "Train a tuned `model` on `data` (a `load_glue` dict or a tokenised Dataset) with `SubspaceTrainer`; the per-step losses."
+    for k, v, kw in (('lr', lr, {}), ('batch_size', batch_size, dict(whole=True)), ('max_len', max_len, dict(whole=True)),
+                     ('weight_decay', weight_decay, dict(equal=True)), ('warmup', warmup, dict(equal=True, high=1)),
+                     ('max_grad_norm', max_grad_norm, dict(equal=True)), ('save_steps', save_steps, dict(whole=True, none=True))):
+        check_number(k, v, **kw)                                       # max_grad_norm=0: no clipping
+    if steps is None: check_number('epochs', epochs)
+    else: check_number('steps', steps, whole=True)
     ds = data if isinstance(data, datasets.Dataset) else to_dataset(data, tok, max_len)
+    if len(ds) == 0: raise ValueError("data: no examples to train on")
     total = steps if steps is not None else max(1, round(epochs * math.ceil(len(ds) / batch_size)))
     order = []                                    # a seeded shuffle per epoch (seed + epoch), as batches(shuffle=True)
     for e in range(math.ceil(total * batch_size / len(ds))):

@@ -10,7 +10,7 @@ import torch
 from .core import get_method, METHODS, load_all
 from .inject import apply_tuning, report, hparams
 from .models import load_model
-from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_dataset
+from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_dataset, check_number
 
 # %% auto #0
 __all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS', 'PRESETS',
@@ -99,6 +99,14 @@ def per_task(v, task: str):
     "A preset setting for `task`: `v` itself, or `v[task]` (else `v['*']`) when it is given per task."
     return (v[task] if task in v else v['*']) if isinstance(v, dict) else v
 
+def _checked(cfg: dict) -> dict:
+    "`cfg`, once its sizes and rates are in range: a clear error before any run starts, not a failed or silently odd run."
+    for k, kw in (('epochs', {}), ('lr', {}), ('batch_size', dict(whole=True)), ('max_len', dict(whole=True)),
+                  ('warmup', dict(equal=True, high=1)), ('train_size', dict(whole=True, none=True)),
+                  ('dev_size', dict(whole=True, none=True))):
+        check_number(k, cfg[k], **kw)
+    return cfg
+
 def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=None, model=None, **over) -> list[dict]:
     "The run configurations of a sweep, task by task, seed by seed, method by method."
     if preset not in PRESETS: raise ValueError(f"preset={preset!r}: expected one of {list(PRESETS)}")
@@ -126,7 +134,7 @@ def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=N
                     cfg = dict(preset=preset, model=model or P['model'], task=t, method=label, name=name, hp=hp,
                                budget=r if 'r' in hp else None, seed=s, train_size=per_task(P['train_size'], t),
                                batch_size=per_task(P['batch_size'], t), warmup=P['warmup'], dev_size=P['dev_size'], **prot)
-                    out.append(cfg)
+                    out.append(_checked(cfg))
     return out
 
 # %% ../nbs/41_sweeps.ipynb #c012
@@ -233,6 +241,7 @@ def sweep(path, preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, 
     """Run the configurations of `plan(...)` missing from results file `path`, each in its own process, `workers` at a time.
     `dry=True` runs nothing and adds `running`: the missing ones another process is running now."""
     if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers={workers!r}: expected a whole number, 1 or more")
+    check_number('limit', limit, whole=True, equal=True, none=True)                 # 0: plan only, run nothing
     todo = [c for c in plan(preset, tasks, methods, ranks, seeds, model, **over) if run_id(c) not in finished(path)]
     if dry: return dict(todo=todo, done=[], failed=[], skipped=[], running=[c for c in todo if _claimed(path, c)])
     out, queue, lock = dict(todo=todo, done=[], failed=[], skipped=[]), list(todo[:limit]), threading.Lock()
