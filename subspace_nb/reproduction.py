@@ -98,11 +98,16 @@ def ledger(records: list[dict]) -> list[dict]:
     for claim, a, rel, b in CLAIMS:
         ps = pairs(records, a, b)
         v, m, p = verdict(rel, [x - y for x, y in ps])
-        out.append(dict(claim=claim, a=a, b=b, pairs=len(ps), diff=m, p=p, verdict=v))
+        by_task = {}   # the pooled test can hide a task that goes the other way, or a task where both sit on the floor
+        for t in dict.fromkeys(r['config']['task'] for r in records):
+            pt = pairs([r for r in records if r['config']['task'] == t], a, b)
+            if pt: by_task[t] = statistics.mean(x - y for x, y in pt)
+        out.append(dict(claim=claim, a=a, b=b, pairs=len(ps), diff=m, p=p, verdict=v, by_task=by_task))
     return out
 
 def show_ledger(rows) -> str:
-    head = '| claim | a − b (points) | pairs | p | verdict |\n|---|---|---|---|---|'
+    head = '| claim | a − b (points) | pairs | p | verdict | a − b by task |\n|---|---|---|---|---|---|'
     fmt = lambda x, f: '–' if x != x else format(x, f)
+    tasks = lambda r: ' · '.join(f"{t} {d:+.1f}" for t, d in r.get('by_task', {}).items())
     return head + '\n' + '\n'.join(f"| {r['claim']} | {fmt(r['diff'], '+.2f')} | {r['pairs']} | {fmt(r['p'], '.3f')} | "
-                                    f"{r['verdict']} |" for r in rows)
+                                    f"{r['verdict']} | {tasks(r)} |" for r in rows)
