@@ -102,6 +102,7 @@ def ledger(records: list[dict]) -> list[dict]:
         for t in dict.fromkeys(r['config']['task'] for r in records):
             pt = pairs([r for r in records if r['config']['task'] == t], a, b)
             if pt: by_task[t] = statistics.mean(x - y for x, y in pt)
+        if len({d > 0 for d in by_task.values() if abs(d) >= 1}) > 1: v += '; tasks disagree'   # 1 point or more each way
         out.append(dict(claim=claim, a=a, b=b, pairs=len(ps), diff=m, p=p, verdict=v, by_task=by_task))
     return out
 
