@@ -185,14 +185,17 @@ def _child(cfg_json: str, path: str, root: str | None):
           f"{rec['metric']} {rec['score']:.4f} ({rec['seconds']:.0f} s)", flush=True)
 
 # %% ../nbs/41_sweeps.ipynb #c014
-def _claim(path, cfg: dict) -> int | None:
-    "A file descriptor holding an exclusive lock on running `cfg` for results file `path`; None if another process holds it."
+def _claim(path, cfg: dict, wait: float = 1.0) -> int | None:
+    """A file descriptor holding an exclusive lock on running `cfg` for results file `path`; None if another process
+    still holds it after `wait` seconds (a run holds it for minutes, a dry run's look for microseconds)."""
     path = Path(path)
     d = path.parent / f'.{path.name}.claims'; d.mkdir(parents=True, exist_ok=True)
-    fd = os.open(d / f'{run_id(cfg)}.lock', os.O_RDWR | os.O_CREAT, 0o644)
-    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError: os.close(fd); return None
-    return fd
+    fd, until = os.open(d / f'{run_id(cfg)}.lock', os.O_RDWR | os.O_CREAT, 0o644), time.monotonic() + wait
+    while True:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
+        except BlockingIOError:
+            if time.monotonic() >= until: os.close(fd); return None
+            time.sleep(0.05)
 
 def _claimed(path, cfg: dict) -> bool:
     "Whether a live process holds `cfg`'s claim for results file `path` now (it is running that configuration)."
