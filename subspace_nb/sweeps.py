@@ -185,12 +185,15 @@ def _child(cfg_json: str, path: str, root: str | None):
           f"{rec['metric']} {rec['score']:.4f} ({rec['seconds']:.0f} s)", flush=True)
 
 # %% ../nbs/41_sweeps.ipynb #c014
+def _claim_file(path, cfg: dict) -> Path:
+    "Where `cfg`'s claim for results file `path` lives: `.<results>.claims/<run id>.lock` beside it."
+    path = Path(path); return path.parent / f'.{path.name}.claims' / f'{run_id(cfg)}.lock'
+
 def _claim(path, cfg: dict, wait: float = 1.0) -> int | None:
     """A file descriptor holding an exclusive lock on running `cfg` for results file `path`; None if another process
     still holds it after `wait` seconds (a run holds it for minutes, a dry run's look for microseconds)."""
-    path = Path(path)
-    d = path.parent / f'.{path.name}.claims'; d.mkdir(parents=True, exist_ok=True)
-    fd, until = os.open(d / f'{run_id(cfg)}.lock', os.O_RDWR | os.O_CREAT, 0o644), time.monotonic() + wait
+    f = _claim_file(path, cfg); f.parent.mkdir(parents=True, exist_ok=True)
+    fd, until = os.open(f, os.O_RDWR | os.O_CREAT, 0o644), time.monotonic() + wait
     while True:
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
         except BlockingIOError:
@@ -199,7 +202,7 @@ def _claim(path, cfg: dict, wait: float = 1.0) -> int | None:
 
 def _claimed(path, cfg: dict) -> bool:
     "Whether a live process holds `cfg`'s claim for results file `path` now (it is running that configuration)."
-    path = Path(path); f = path.parent / f'.{path.name}.claims' / f'{run_id(cfg)}.lock'
+    f = _claim_file(path, cfg)
     if not f.exists(): return False                                       # never claimed: nothing to create in a dry run
     fd = os.open(f, os.O_RDONLY)
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return False     # free: let go at once in `finally`
