@@ -1,6 +1,8 @@
 """One rank of a 2-process CPU DDP run (torchrun, gloo) of SubspaceTrainer on a tiny BERT; used by test_ddp.py.
 
-Each rank writes its tuner tensors after training; rank 0 also saves the tuning and its logits on a fixed batch."""
+Each rank writes its tuner tensors after training; rank 0 also saves the tuning and its logits on a fixed batch. The
+process group is destroyed before the interpreter exits: a gloo group left alive can abort a rank at shutdown
+("terminate called without an active exception") after all its work is done."""
 import sys, os
 from pathlib import Path
 import torch
@@ -25,6 +27,8 @@ def main(out, method):
         save_tuning(m, out / 'tuning')
         m.eval()
         with torch.no_grad(): save_file({'logits': m(**tiny_batch()).logits.contiguous()}, str(out / 'logits.safetensors'))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__': main(*sys.argv[1:])
