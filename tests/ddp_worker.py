@@ -1,9 +1,14 @@
 """One rank of a 2-process CPU DDP run (torchrun, gloo) of SubspaceTrainer on a tiny BERT; used by test_ddp.py.
 
-Each rank writes its tuner tensors after training; rank 0 also saves the tuning and its logits on a fixed batch. The
-process group is destroyed before the interpreter exits: a gloo group left alive can abort a rank at shutdown
-("terminate called without an active exception") after all its work is done."""
-import sys, os
+Each rank writes its tuner tensors after training; rank 0 also saves the tuning and its logits on a fixed batch.
+
+Teardown is torch's, and both of its ways are racy under load: a gloo group still alive at interpreter exit can abort
+a rank ("terminate called without an active exception"), and `destroy_process_group` can hang (pytorch#75097). So
+once a monitored barrier says both ranks are past every collective (or names the one that is not), each rank leaves
+with `os._exit(0)`, its files written. A hang anywhere dumps every thread's stack to stderr before the test's
+timeout, so a failure says where it stood."""
+import sys, os, faulthandler
+from datetime import timedelta
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
@@ -27,8 +32,11 @@ def main(out, method):
         save_tuning(m, out / 'tuning')
         m.eval()
         with torch.no_grad(): save_file({'logits': m(**tiny_batch()).logits.contiguous()}, str(out / 'logits.safetensors'))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    torch.distributed.monitored_barrier(timeout=timedelta(seconds=300))
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
 
 
-if __name__ == '__main__': main(*sys.argv[1:])
+if __name__ == '__main__':
+    faulthandler.dump_traceback_later(480, exit=True)      # the test waits 600 s
+    main(*sys.argv[1:])
