@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SHELL := /bin/bash
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install export sync-check nbtest pytest test-min test readme readme-check demo clean docs docs-check
+.PHONY: install export sync-check nbtest pytest test-min test check readme readme-check demo clean docs docs-check
 
 $(STAMP): settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -76,6 +76,9 @@ test-min: $(MINSTAMP)
 	$(ONE_THREAD) $(MINPY) -m pytest -q -n $(WORKERS) tests
 
 test: sync-check nbtest pytest readme-check docs-check test-min
+
+# everything but the docs site check: no Node, no browser
+check: sync-check nbtest pytest readme-check test-min
 
 # the site: the notebooks as committed (never executed) and the API reference, into _docs/ (docs/build.py)
 DOCS_STAMP := $(VENV)/.docs-installed
