@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import math, re, importlib, pkgutil, warnings
+import math, re, importlib, pkgutil, warnings, difflib
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODES', 'HEAD_NAMES', 'METHODS', 'is_conv1d', 'is_linear', 'dims', 'weight_of', 'set_weight_', 'svd', 'svd_top',
-           'pinv', 'orth', 'principal_angles', 'project', 'captured', 'effective_rank', 'Tuner', 'check_rank', 'in_any',
-           'head_names', 'shares_storage', 'output_layers', 'linear_names', 'find_targets', 'register', 'load_all',
-           'get_method', 'taxonomy']
+__all__ = ['MODES', 'HEAD_NAMES', 'METHODS', 'HP_RANGES', 'is_conv1d', 'is_linear', 'dims', 'weight_of', 'set_weight_', 'svd',
+           'svd_top', 'pinv', 'orth', 'principal_angles', 'project', 'captured', 'effective_rank', 'Tuner',
+           'check_rank', 'in_any', 'head_names', 'shares_storage', 'output_layers', 'linear_names', 'find_targets',
+           'register', 'load_all', 'get_method', 'taxonomy', 'Range', 'hp_range', 'value_ranges', 'check_values']
 
 # %% ../nbs/00_core.ipynb #c005
 def is_conv1d(layer) -> bool:
@@ -117,6 +117,7 @@ class Tuner(nn.Module):
     reg_mean: bool = False     # `regularizer()` is averaged over the model's layers, not summed (MPC, eq. 20-21)
     targets = 'all-linear'     # default targets (see `find_targets`)
     is_tuning = True           # its parameters (outside `base`) were added by tuning, and are saved with it
+    bounds: dict = {}          # hyper-parameter name -> `Range`, where the method differs from `HP_RANGES`
 
     def __init__(self, base: nn.Module, generator: torch.Generator | None = None):
         super().__init__()
@@ -231,6 +232,11 @@ class Tuner(nn.Module):
     @classmethod
     def finish(cls, model: nn.Module):
         "After training (e.g. diff pruning's projection). Nothing by default."
+
+    @classmethod
+    def upgrade_state(cls, cfg: dict, state: dict) -> dict:
+        "A saved tuning's tensors (`cfg`: its config) under today's names, where an earlier version named them otherwise. Unchanged by default."
+        return state
 
     @classmethod
     def summary(cls, model: nn.Module) -> dict:
@@ -380,7 +386,10 @@ def get_method(name) -> type:
         from subspace_nb.composition import compose
         return compose(*parts)
     if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        known = {k.lower(): k for k in METHODS}
+        close = [known[k] for k in difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)]
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ''
+        raise ValueError(f"unknown method {name!r}; {hint}known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 def taxonomy(fmt: str = 'markdown'):
@@ -393,3 +402,87 @@ def taxonomy(fmt: str = 'markdown'):
     head = ('method', 'mode', 'equation', 'trainable parameters', 'mergeable')
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+# %% ../nbs/00_core.ipynb #c102
+class Range:
+    "What one numeric hyper-parameter accepts: a type (`int`; `float`, any finite real; `bool`) and bounds, each closed or open."
+    def __init__(self, kind: type | None = None, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+                 note: str = ''):
+        if kind not in (None, int, float, bool): raise ValueError(f"kind={kind!r}: expected int, float, bool or None")
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open, self.note = kind, lo, hi, lo_open, hi_open, note
+
+    def of(self, kind: type) -> Range:
+        "This range with its type filled in (from the signature's default)."
+        return self if self.kind else Range(kind, self.lo, self.hi, self.lo_open, self.hi_open, self.note)
+
+    def fits_type(self, v) -> bool:
+        if self.kind is bool or isinstance(v, bool): return self.kind is bool and isinstance(v, bool)
+        return isinstance(v, int) if self.kind is int else isinstance(v, (int, float))
+
+    def accepts(self, v) -> bool:
+        if not self.fits_type(v): return False
+        if self.kind is bool: return True
+        return (math.isfinite(v) and (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self):
+        if self.kind is bool: return 'True or False'
+        noun, lo, hi = 'an int' if self.kind is int else 'a finite number', self.lo, self.hi
+        if lo is not None and hi is not None:
+            s = (f"an int in {lo}..{hi}" if self.kind is int and not (self.lo_open or self.hi_open) else
+                 f"{'an int' if self.kind is int else 'a number'} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}")
+        elif lo is not None: s = f"{noun} {'>' if self.lo_open else '>='} {lo}"
+        elif hi is not None: s = f"{noun} {'<' if self.hi_open else '<='} {hi}"
+        else: s = noun
+        return s + (f" ({self.note})" if self.note else '')
+
+    __repr__ = __str__
+
+_WARMUP = (Range(int, 0, note='steps'), Range(float, 0, 1, hi_open=True, note='a share of the run'))
+HP_RANGES = {          # name -> Range, or a tuple of Ranges any of which may take the value
+    'r': Range(int, 1, note='the rank or width; a tuned layer may allow less'),
+    'k': Range(int, 1, note='singular values kept; at most min(n, m)'),
+    'l': Range(int, 1, note='virtual tokens'),
+    'target_r': Range(int, 1, note="the average rank kept at the end; at most r"),
+    'alpha': Range(float, 0, lo_open=True, note='the scale s = alpha / r; 0 would switch the update off'),
+    'dropout': Range(float, 0, 1, hi_open=True),
+    'mpc_weight': Range(float, 0, note="lambda of the MPC regulariser"),
+    'density': Range(float, 0, 1, lo_open=True, note="the share of a layer's n*m entries that may change"),
+    'l0': Range(float, 0, note='the weight of the expected-L0 penalty'),
+    'alpha_init': Range(float, note='the initial log alpha of the gates'),
+    'fisher_batches': Range(int, 1),
+    'mask_every': Range(int, 1, note='optimizer steps between rank allocations'),
+    'init_warmup': _WARMUP, 'final_warmup': _WARMUP,
+    'beta1': Range(float, 0, 1, lo_open=True, hi_open=True), 'beta2': Range(float, 0, 1, lo_open=True, hi_open=True),
+}
+
+def hp_range(cls, name: str):
+    "The declared range of hyper-parameter `name` of method `cls`: its class's `bounds` (a composition's: its parts'), else `HP_RANGES`; None if undeclared."
+    for c in (cls, *getattr(cls, 'parts', ())):
+        if name in c.bounds: return c.bounds[name]
+    return HP_RANGES.get(name)
+
+def value_ranges(cls, name: str, default) -> tuple | None:
+    "The ranges a value of `name` may fit, typed by `default`'s type where undeclared; None for a hyper-parameter that is no number (a choice, or None without a declaration)."
+    kind = type(default) if isinstance(default, (int, float)) else None
+    rng = hp_range(cls, name)
+    if rng is None: return None if kind is None else (Range(kind),)
+    alts = rng if isinstance(rng, tuple) else (rng,)
+    if kind is None and any(a.kind is None for a in alts):
+        raise TypeError(f"{cls.name}: the range of {name} declares no type and its default {default!r} gives none")
+    return tuple(a.of(kind) for a in alts)
+
+def check_values(cls, hp: dict):
+    "Raise unless each value in `hp` has the type and range its hyper-parameter accepts; the error names the method, the parameter, the value and what is accepted."
+    from subspace_nb.inject import hparams            # the signature's defaults (inject builds on core)
+    defaults = hparams(cls)
+    for k, v in hp.items():
+        if k not in defaults: continue                 # an unknown name: `check_hparams` lists the known ones
+        d = defaults[k]
+        alts = value_ranges(cls, k, d)
+        if alts is None or (v is None and d is None) or any(a.accepts(v) for a in alts): continue
+        what = ' or '.join(map(str, alts)) + (", or None for the method's default" if d is None else '')
+        if not any(a.fits_type(v) for a in alts):
+            raise TypeError(f"method {cls.name!r}: {k}={v!r} is of the wrong type ({type(v).__name__}); expected {what}")
+        why = 'is not finite' if not math.isfinite(v) else 'is out of range'
+        raise ValueError(f"method {cls.name!r}: {k}={v!r} {why}; expected {what}")

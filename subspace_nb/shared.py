@@ -12,7 +12,7 @@ from .core import *
 from .lora import one_gemm, one_gemm_ok
 
 # %% auto #0
-__all__ = ['SHARES', 'group_key', 'SharedFactors', 'Shared', 'check_width', 'VeRA', 'LoTR']
+__all__ = ['SHARES', 'group_key', 'SharedFactors', 'shared_factors', 'Shared', 'check_width', 'VeRA', 'LoTR']
 
 # %% ../nbs/22_shared_params.ipynb #c010
 SHARES = ('shape', 'role')
@@ -24,7 +24,7 @@ def group_key(name: str, layer: nn.Module, share: str = 'shape') -> str:
     raise ValueError(f"share={share!r}: expected one of {SHARES}")
 
 class SharedFactors(nn.Module):
-    "The tensors one method shares among many layers, one set per group, held once by the model (one name each)."
+    "The tensors one method shares among many layers, one set per group, held once in the model (one name each)."
     is_tuning = True
 
     def __init__(self, trainable: bool):
@@ -45,15 +45,21 @@ class SharedFactors(nn.Module):
     def extra_repr(self):
         return '; '.join(f'{i}: {k}' for i, k in enumerate(self.keys)) + ('' if self.trainable else ' (frozen, not saved)')
 
+def shared_factors(model: nn.Module) -> SharedFactors:
+    "The `SharedFactors` of a model tuned with a shared-factor method (VeRA, LoTR)."
+    found = [m for m in model.modules() if isinstance(m, SharedFactors)]
+    if not found: raise ValueError(f"{type(model).__name__} holds no shared factors: it is not tuned with VeRA or LoTR")
+    return found[0]
+
 def _put(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 # %% ../nbs/22_shared_params.ipynb #c011
 class Shared(Tuner):
-    r"A layer's tuner whose $\Delta W$ uses factors shared with other layers, held once by the model in `model.<attr>`."
+    r"A layer's tuner whose $\Delta W$ uses factors shared with other layers, held once in the model by the first tuner."
     mode, wraps = 'extension', False
-    attr: str = ''                   # the model's attribute holding the SharedFactors
+    attr: str = ''                   # the SharedFactors' name, as a submodule of the first tuner
     factor_names: tuple = ()         # the shared tensors of one group
     trainable_factors: bool = False  # True: parameters (trained, saved once); False: frozen buffers, never saved
 
@@ -64,8 +70,10 @@ class Shared(Tuner):
 
     def factor(self, k: str) -> torch.Tensor: return self.shared.get(k, self.i)
 
-    def _own(self):                                      # a merged layer re-merges when its shared factors change too
-        return super()._own() + [self.factor(k) for k in self.factor_names]
+    def _own(self):                                      # a merged layer re-merges when its group's factors change too
+        mine = [t for n, t in (*self.named_parameters(), *self.named_buffers())
+                if not n.startswith(('base.', self.attr + '.'))]          # not every group's, where this tuner holds them
+        return mine + [self.factor(k) for k in self.factor_names]
 
     @classmethod
     def factors(cls, n: int, m: int, generator=None, **hp) -> dict:
@@ -91,8 +99,7 @@ class Shared(Tuner):
 
     @classmethod
     def share_factors(cls, model, layers: dict, share: str, generator=None, **hp):
-        "Draw each group's factors, build every layer's tuner, then add the factors to `model` and swap the layers in."
-        if hasattr(model, cls.attr): raise ValueError(f"the model already has a module named {cls.attr!r}")
+        "Draw each group's factors, build every layer's tuner, give the factors to the first tuner, then swap the layers in."
         groups = cls.groups(layers, share)
         device = weight_of(next(iter(layers.values()))).device
         sf, built = SharedFactors(cls.trainable_factors), {}
@@ -100,12 +107,18 @@ class Shared(Tuner):
             n, m = dims(layers[names[0]])
             i = sf.add(key, **{k: t.to(device) for k, t in cls.factors(n, m, generator, **hp).items()})
             for x in names: built[x] = cls(layers[x], sf, i, **hp).train(layers[x].training)
-        model.add_module(cls.attr, sf.train(model.training))
+        first = built[next(iter(layers))]
+        first.add_module(cls.attr, sf.train(first.training))   # inside a tuner: no container runs it as a layer
         for x in layers: _put(model, x, built[x])
 
     @classmethod
-    def detach(cls, model, merge=False):
-        if hasattr(model, cls.attr): delattr(model, cls.attr)
+    def upgrade_state(cls, cfg: dict, state: dict) -> dict:
+        "Tunings saved while the factors sat on the model itself name them `<attr>.*`: the same tensors, now under the first tuned layer."
+        old = cls.attr + '.'
+        return {(f"{cfg['layers'][0]}.{k}" if k.startswith(old) else k): v for k, v in state.items()}
+
+    @classmethod
+    def detach(cls, model, merge=False): pass           # the factors leave with the first tuner
 
     @classmethod
     def enable(cls, model, on: bool): pass               # the tuners switch themselves off (`disabled`)
@@ -132,6 +145,7 @@ class VeRA(Shared):
     equation = "phi(W) = W + (Λ_b B Λ_d A)^T: A (r x n), B (m x r) random, frozen, shared; d (r), b (m) per layer, b = 0 at init"
     formula = 'r + m per layer (A, B frozen, shared, regenerated from the seed)'
     test_hp = dict(r=4)
+    bounds = dict(d_init=Range(lo=0, lo_open=True, note='VeRA uses 0.1; d = 0 would leave b and d without gradient'))
 
     def __init__(self, base, shared, i, r: int = 256, d_init: float = 0.1, generator=None):
         super().__init__(base, shared, i)
