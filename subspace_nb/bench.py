@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 import transformers
 from .core import *
-from .inject import apply_tuning, tuners, default_trainable, regularizer, hparams, merge
+from .inject import apply_tuning, tuners, default_trainable, regularizer, hparams, merge, mark_driven
 from .models import load_minilm, tiny_model
 from .lora import LoRA
 
@@ -184,7 +184,7 @@ def build(kind: str, name: str = '', model='minilm', r: int = 8, dtype=torch.flo
     m = bench_model(model, dtype, device)
     if kind == 'limit': frozen_limit(m)
     elif kind == 'full': apply_tuning(m, 'full')
-    elif kind == 'ours': apply_tuning(m, name, **method_hp(name, r))
+    elif kind == 'ours': mark_driven(apply_tuning(m, name, **method_hp(name, r)))   # timing, not training: no protocol warning
     elif kind == 'peft':
         m = peft_twin(like if like is not None else apply_tuning(bench_model(model, dtype, device), name, **method_hp(name, r)), m)
     elif kind != 'plain': raise ValueError(f"kind={kind!r}: expected 'plain', 'limit', 'full', 'ours' or 'peft'")
@@ -196,10 +196,7 @@ def trainer(m: nn.Module, lr: float = 1e-5):
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
     tuned = getattr(m, 'subspace', None) is not None
     def step(x):
-        loss = m(**x).loss
-        if tuned:
-            reg = regularizer(m)
-            if torch.is_tensor(reg): loss = loss + reg
+        loss = m(**x).loss                                   # a tuned model's loss carries its regulariser
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_inject.ipynb #c002
 from __future__ import annotations
-import json, inspect, contextlib, warnings, logging
+import json, inspect, contextlib, warnings, logging, os
 from pathlib import Path
 import torch
 from torch import nn
@@ -13,11 +13,12 @@ from .core import *
 from .core import _short
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hparams', 'check_hparams', 'tuners',
-           'default_trainable', 'layer_shapes', 'apply_tuning', 'added_params', 'report', 'show_report',
-           'shared_weights', 'merge', 'unmerge', 'remove_tuning', 'disable_tuning', 'tuning_state', 'save_tuning',
-           'check_config', 'read_tuning', 'load_tuning', 'read_checkpoint', 'from_pretrained', 'param_groups',
-           'regularizer', 'methods_of', 'prepare', 'step_end', 'finish', 'FullFT']
+__all__ = ['HOOKS', 'WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hparams', 'check_hparams', 'ProtocolWarning',
+           'protocol_hooks', 'regularizer', 'reg_share', 'tuners', 'default_trainable', 'layer_shapes', 'apply_tuning',
+           'added_params', 'report', 'show_report', 'shared_weights', 'merge', 'unmerge', 'remove_tuning',
+           'disable_tuning', 'tuning_state', 'base_record', 'save_tuning', 'check_config', 'read_tuning', 'load_tuning',
+           'read_checkpoint', 'from_pretrained', 'param_groups', 'methods_of', 'mark_driven', 'regularize_loss',
+           'prepare', 'step_end', 'finish', 'FullFT']
 
 # %% ../nbs/01_inject.ipynb #c005
 def hparams(cls) -> dict:
@@ -29,12 +30,116 @@ def hparams(cls) -> dict:
             if k not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 def check_hparams(cls, hp: dict):
-    "Raise if `hp` names a hyper-parameter `cls` does not take."
+    "Raise if `hp` names a hyper-parameter `cls` does not take, or gives one a value of the wrong type or range."
     known = hparams(cls)
     bad = [k for k in hp if k not in known]
     if bad:
         raise TypeError(f"method {cls.name!r} does not take {', '.join(bad)}; "
                         f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items()) or 'no hyper-parameters'}")
+    check_values(cls, hp)                              # types, finiteness and ranges: one place for every method (00_core)
+
+# %% ../nbs/01_inject.ipynb #c101
+class ProtocolWarning(UserWarning):
+    "A tuned model trains while part of its method's protocol runs nowhere: the method would train as another one."
+
+HOOKS = ('prepare', 'step_end', 'finish')
+
+def protocol_hooks(cls) -> list[str]:
+    "The protocol hooks method `cls` (a class or registered name) defines beyond `Tuner`'s (a composition: its parts')."
+    cls = get_method(cls) if isinstance(cls, str) else cls
+    if getattr(cls, 'parts', ()): return [h for h in HOOKS if any(h in protocol_hooks(P) for P in cls.parts)]
+    return [h for h in HOOKS if getattr(cls, h).__func__ is not getattr(Tuner, h).__func__]
+
+def regularizer(model: nn.Module):
+    "The tuners' loss terms (0 when none has one): summed over layers, or averaged where the tuner says `reg_mean`."
+    ts = [p for t in tuners(model).values() for p in getattr(t, 'reg_parts', (t,))]   # a composition: f and g
+    mean = [t for t in ts if t.reg_mean]
+    total = sum((t.regularizer() for t in ts if not t.reg_mean), 0.)
+    return total + (sum((t.regularizer() for t in mean), 0.) / len(mean) if mean else 0.)
+
+def _shifts_labels(model) -> bool:
+    "Whether a Trainer counts this model's items on `labels[..., 1:]` (a causal LM loss), as transformers decides it."
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    return (LOSS_MAPPING.get(getattr(model, 'loss_type', None)) is ForCausalLMLoss
+            and not getattr(getattr(model, 'config', None), 'is_encoder_decoder', False))
+
+def reg_share(model: nn.Module, batch: dict):
+    "This micro-batch's share of one optimizer step's regulariser: 1, or its items over `num_items_in_batch` when given."
+    N = batch.get('num_items_in_batch')
+    if N is None: return 1.
+    labels = batch.get('shift_labels')
+    if labels is None:
+        labels = batch.get('labels')
+        if labels is None: return 1.
+        if _shifts_labels(model): labels = labels[..., 1:]
+    return labels.ne(-100).sum() / N
+
+def _loss_of(out, kwargs):
+    "The loss in a forward's output: `out['loss']` of a dict/ModelOutput, or `out[0]` of a tuple when labels were passed."
+    if isinstance(out, dict): return out.get('loss')
+    if (isinstance(out, tuple) and out and kwargs.get('labels') is not None and torch.is_tensor(out[0])
+            and out[0].dim() == 0): return out[0]
+    return None
+
+def _hook_doc(cls, hook: str) -> str:
+    "What `hook` does for method `cls`: its docstring (a composition: that of the part that defines it)."
+    for P in getattr(cls, 'parts', ()) or (cls,):
+        if hook in protocol_hooks(P): return getattr(P, hook).__doc__ or f"{P.name} defines it"
+    return ''
+
+def _protocol_problems(model, has_loss: bool) -> list[str]:
+    "What a training loop that has not called `prepare` misses for this model: hooks that never run, a regulariser in no loss."
+    cls, out = get_method(model.subspace['method']), []
+    hooks = protocol_hooks(cls)
+    if hooks:
+        out.append("its protocol hooks run nowhere: " + '; '.join(f"{h} ({_hook_doc(cls, h)})" for h in hooks) +
+                   ". Train with subspace_nb.SubspaceTrainer, add callbacks=[subspace_nb.SubspaceCallback()] to a "
+                   "transformers.Trainer, or call subspace_nb.prepare(model, batches) before the first step, "
+                   "step_end(model, step, total) after each optimizer step and finish(model) after the last")
+    if not has_loss and model._subspace_protocol['loss']:
+        reg = regularizer(model)
+        if torch.is_tensor(reg):
+            out.append(f"the forward returned no loss (no labels were passed), so the regulariser (now "
+                       f"{float(reg.detach()):.4g}) is in no loss: pass labels, or add subspace_nb.regularizer(model) "
+                       "to the loss you compute")
+    return out
+
+def _loss_hook(model, args, kwargs, out):
+    "After a tuned model's forward, while training: `regularizer(model)` joins the returned loss; an unrun protocol is said once."
+    st = getattr(model, '_subspace_protocol', None)
+    if st is None or not model.training: return None
+    loss = _loss_of(out, kwargs)
+    if not st['driven'] and not st['checked']:
+        st['checked'] = True
+        problems = _protocol_problems(model, loss is not None)
+        if problems:
+            warnings.warn(f"{model.subspace['method']!r} trains without its whole protocol, so it trains as another "
+                          f"method: {' Also, '.join(problems)}. (mark_driven(model) says that your loop takes care of "
+                          "it and silences this warning.)", ProtocolWarning, stacklevel=4)   # the caller of model(...)
+    st['carried'] = False
+    if loss is None or not st['loss']: return None
+    reg = regularizer(model)
+    if not torch.is_tensor(reg): return None
+    new = loss + reg_share(model, kwargs) * reg
+    st['carried'] = True
+    if isinstance(out, dict):
+        out['loss'] = new
+        return out
+    return (new, *out[1:])
+
+def _guard(model: nn.Module):
+    "Install the loss hook and a fresh protocol state on a just-tuned `model` (one hook, however often it is called)."
+    _unguard(model)
+    model._subspace_protocol = dict(loss=True, driven=False, checked=False, carried=False)
+    model.register_forward_hook(_loss_hook, with_kwargs=True)
+
+def _unguard(model: nn.Module):
+    "Take the loss hook and the protocol state off `model` (found by the hook function: handles do not survive a deepcopy)."
+    for k in [k for k, h in model._forward_hooks.items() if h is _loss_hook]:
+        del model._forward_hooks[k]
+        model._forward_hooks_with_kwargs.pop(k, None)
+        model._forward_hooks_always_called.pop(k, None)
+    model.__dict__.pop('_subspace_protocol', None)
 
 # %% ../nbs/01_inject.ipynb #c007
 def tuners(model: nn.Module, parts: bool = False) -> dict:
@@ -103,6 +208,7 @@ def apply_tuning(model: nn.Module, method, targets=None, trainable=None, seed: i
                           frozen_before=[n for n, f in flags.items() if not f])
     if hasattr(getattr(model, 'config', None), 'to_json_string'):
         model.config.subspace = model.subspace          # written into config.json by every Hugging Face save path
+    _guard(model)                                       # the regulariser in the model's own loss (see above)
     return model
 
 # %% ../nbs/01_inject.ipynb #c013
@@ -200,6 +306,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 def remove_tuning(model: nn.Module, merge: bool = False) -> nn.Module:
     r"Give back the plain model: tuners replaced by their layers (with $\phi(W)$ written in if `merge`)."
     cls = _method(model)
+    named = model.__dict__.get('_subspace_named')                 # named tunings set aside (05_named) tune the same W
+    if merge and named and named['aside']:
+        raise ValueError(f"remove_tuning(merge=True) would write this tuning's phi(W) into the base that the tunings set "
+                         f"aside ({', '.join(named['aside'])}) also tune: delete them first (delete_tuning)")
     if merge: _check_mergeable(model, cls, safe=False)
     for n, t in tuners(model).items():
         t.merge() if merge else t.unmerge()
@@ -210,6 +320,7 @@ def remove_tuning(model: nn.Module, merge: bool = False) -> nn.Module:
     for n, p in model.named_parameters(): p.requires_grad_(n not in frozen)
     del model.subspace
     if getattr(getattr(model, 'config', None), 'subspace', None) is not None: del model.config.subspace
+    _unguard(model)
     return model
 
 # %% ../nbs/01_inject.ipynb #c030
@@ -231,10 +342,10 @@ def disable_tuning(model: nn.Module):
 
 # %% ../nbs/01_inject.ipynb #c019
 WEIGHTS, CONFIG = 'tuning.safetensors', 'tuning.json'
-FORMAT = 2
+FORMAT = 3                                                            # 3: the base model recorded; 2: dtypes; 1: no shapes
 SCHEMA = dict(method=str, targets=(str, list), layers=list, shapes=dict, hp=dict, trainable=list, seed=int,
-              frozen_before=list, format=int, dtypes=list)          # the keys of tuning.json and their types
-OPTIONAL = {'shapes', 'dtypes', 'format'}                             # format 1 files have no shapes
+              frozen_before=list, format=int, dtypes=list, base=dict)   # the keys of tuning.json and their types
+OPTIONAL = {'shapes', 'dtypes', 'format', 'base'}                     # older files lack these; 'base' where unknown
 
 def tuning_state(model: nn.Module) -> dict:
     "What `save_tuning` writes: trainable parameters and the tuners' persistent buffers, by name."
@@ -247,11 +358,30 @@ def tuning_state(model: nn.Module) -> dict:
                 if bn not in mod._non_persistent_buffers_set: state[pre + bn] = b
     return {n: t.detach().contiguous() for n, t in state.items()}
 
-def save_tuning(model: nn.Module, path) -> Path:
-    "Save the tuning of `model` (weights + config) into folder `path`."
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+def base_record(model: nn.Module, base: str | None = None) -> dict | None:
+    "The base model as `save_tuning` records it (name or path, class, config), or None when `model` does not say."
+    conf = getattr(model, 'config', None)
+    if not hasattr(conf, 'to_json_string'): return None                  # a plain torch module: no base to name
+    name = base if base is not None else (getattr(conf, '_name_or_path', '') or getattr(model, 'name_or_path', ''))
+    if not isinstance(name, (str, os.PathLike)): raise TypeError(f"base={base!r}: expected a hub name or a folder path")
+    name = str(name)
+    if not name: return None
+    if Path(name).is_dir(): name = str(Path(name).resolve())           # a local folder: found from any working directory
+    import transformers
+    cls = type(model).__name__
+    if getattr(transformers, cls, None) is not type(model): cls = (getattr(conf, 'architectures', None) or [None])[0]
+    config = json.loads(conf.to_json_string(use_diff=False))
+    config.pop('subspace', None)
+    return dict(name_or_path=name, model_class=cls, config=config)
+
+def save_tuning(model: nn.Module, path, base: str | None = None) -> Path:
+    "Save the tuning of `model` (weights + config + the base model's name or path) into folder `path`; `base`: name it yourself."
+    path = Path(path)
     state = tuning_state(model)
+    record = base_record(model, base)
+    path.mkdir(parents=True, exist_ok=True)
     cfg = dict(model.subspace, format=FORMAT, dtypes=sorted({str(t.dtype) for t in state.values()}))
+    if record is not None: cfg['base'] = record
     save_file(state, str(path / WEIGHTS))
     (path / CONFIG).write_text(json.dumps(cfg, indent=1))
     return path
@@ -286,6 +416,7 @@ def read_tuning(path) -> tuple[dict, dict]:
         raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     cls = get_method(cfg['method'])
     check_hparams(cls, cfg['hp'])
+    tensors = cls.upgrade_state(cfg, tensors)           # older checkpoints' names, where a method renamed its tensors
     return cfg, tensors
 
 FIELDS = ('method', 'targets', 'layers', 'hp', 'trainable', 'seed')   # what must agree with a model's tuning
@@ -357,10 +488,51 @@ def read_checkpoint(path) -> dict:
         except Exception as e: raise ValueError(f"{path / f} is not a readable safetensors file ({e})") from None
     return out
 
-def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
-    "A tuned model saved by any Hugging Face save path (`save_pretrained`, `Trainer.save_model`, a checkpoint): base, head and tuning."
+def _pathlike(s: str) -> bool:
+    "Whether `s` can only be a filesystem path: absolute, starting with ./ ../ or ~, or with more separators than a hub id's owner/name."
+    seps = s.count('/') + (s.count(os.sep) if os.sep != '/' else 0)
+    return (os.path.isabs(s) or s.startswith(('./', '../', '~', '.' + os.sep, '..' + os.sep)) or seps > 1
+            or s.endswith(('/', os.sep)))
+
+def _from_tuning_folder(path: Path, model_class=None, **kwargs) -> nn.Module:
+    "The base model `save_tuning` recorded in `path`, loaded, with the tuning loaded into it."
     import transformers
     from subspace_nb.models import quiet_transformers
+    cfg, _ = read_tuning(path)
+    base = cfg.get('base')
+    if not base:
+        raise ValueError(f"{path} holds a tuning whose {CONFIG} records no base model (format {cfg.get('format', 1)}: "
+                         "saved before format 3, or from a model with no name or path). Load the base model yourself, "
+                         f"then load_tuning(model, {str(path)!r}); or save it again with save_tuning(model, folder, "
+                         "base='hub name or folder of the base model')")
+    bad = [k for k, t in (('name_or_path', str), ('model_class', str), ('config', dict)) if not isinstance(base.get(k), t)]
+    if bad: raise ValueError(f"{path / CONFIG}: its 'base' entry lacks or mistypes {bad}")
+    cls = model_class or getattr(transformers, base['model_class'], None)
+    if cls is None:
+        raise ValueError(f"{path / CONFIG} names a model class transformers does not know ({base['model_class']!r}); "
+                         "pass model_class=")
+    name = base['name_or_path']
+    if _pathlike(name) and not Path(name).is_dir():
+        raise FileNotFoundError(f"{path / CONFIG} records its base model in the folder {name}, which does not exist here: "
+                                f"load that base model yourself, then load_tuning(model, {str(path)!r})")
+    config = cls.config_class.from_dict(base['config'])
+    with quiet_transformers(): model = cls.from_pretrained(name, config=config, **kwargs)
+    return load_tuning(model, path)
+
+def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
+    "A tuned model from a folder: saved by any Hugging Face save path (base, head and tuning), or by `save_tuning` (its recorded base + the tuning)."
+    import transformers
+    from subspace_nb.models import quiet_transformers
+    p = Path(path)
+    if p.is_dir():
+        if not (p / 'config.json').is_file():
+            if (p / CONFIG).is_file(): return _from_tuning_folder(p, model_class, **kwargs)
+            raise FileNotFoundError(f"{path} holds neither config.json (a model saved by save_pretrained, Trainer.save_model "
+                                    f"or a Trainer checkpoint) nor {CONFIG} (a tuning saved by save_tuning)")
+    elif p.exists(): raise NotADirectoryError(f"{path} is a file: from_pretrained takes a folder")
+    elif _pathlike(str(path)):
+        raise FileNotFoundError(f"{path}: no such folder (from_pretrained takes a folder saved by save_pretrained, "
+                                "Trainer.save_model or save_tuning, or a model id on the Hugging Face hub)")
     config = transformers.AutoConfig.from_pretrained(path)
     cfg = getattr(config, 'subspace', None)
     if cfg is None:
@@ -378,7 +550,7 @@ def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
     plain = set(model.state_dict())
     apply_tuning(model, cfg['method'], targets=cfg['targets'], trainable=cfg['trainable'], seed=cfg['seed'], **cfg['hp'])
     added = set(model.state_dict()) - plain                       # the tuners' own tensors
-    ckpt = read_checkpoint(path)
+    ckpt = get_method(cfg['method']).upgrade_state(cfg, read_checkpoint(path))
     missing = sorted(added - set(ckpt))
     if missing:
         remove_tuning(model)
@@ -400,19 +572,28 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     yes = [p for n, p in named.items() if not (n in nd or n.endswith('bias'))]
     return [g for g in (dict(params=yes, weight_decay=weight_decay), dict(params=no, weight_decay=0.0)) if g['params']]
 
-def regularizer(model: nn.Module):
-    "The tuners' loss terms (0 when none has one): summed over layers, or averaged where the tuner says `reg_mean`."
-    ts = [p for t in tuners(model).values() for p in getattr(t, 'reg_parts', (t,))]   # a composition: f and g
-    mean = [t for t in ts if t.reg_mean]
-    total = sum((t.regularizer() for t in ts if not t.reg_mean), 0.)
-    return total + (sum((t.regularizer() for t in mean), 0.) / len(mean) if mean else 0.)
-
 def methods_of(model: nn.Module) -> list[type]:
     "The method classes a tuned model runs, in the order their protocol hooks run."
     return [_method(model)]
 
+def mark_driven(model: nn.Module) -> nn.Module:
+    "Say that a training loop runs `model`'s protocol (or knowingly does without it): no `ProtocolWarning` for it."
+    _method(model)
+    if getattr(model, '_subspace_protocol', None) is None: _guard(model)
+    model._subspace_protocol['driven'] = True
+    return model
+
+def regularize_loss(model: nn.Module, on: bool = True) -> nn.Module:
+    "Whether the regulariser joins the loss `model` returns while training (and `SubspaceTrainer`'s); on by default."
+    if not isinstance(on, bool): raise TypeError(f"on={on!r}: expected True or False")
+    _method(model)
+    if getattr(model, '_subspace_protocol', None) is None: _guard(model)
+    model._subspace_protocol['loss'] = on
+    return model
+
 def prepare(model: nn.Module, batches):
     "The methods' data-dependent preparation before training (FishMask's Fisher scores), with the training batches."
+    mark_driven(model)                       # the loop that calls this one runs the protocol
     for cls in methods_of(model): cls.prepare(model, batches)
 
 def step_end(model: nn.Module, step: int, total: int):

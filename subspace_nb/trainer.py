@@ -9,7 +9,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from .core import *
 from .core import _short
-from .inject import tuners, param_groups, regularizer, prepare, step_end, finish, _method, _unique
+from .inject import tuners, param_groups, regularizer, reg_share, prepare, step_end, finish, _method, _unique
 
 # %% auto #0
 __all__ = ['check_plain_trainer', 'SubspaceCallback', 'SubspaceTrainer']
@@ -27,8 +27,8 @@ def _broadcast_tuning(model: nn.Module):
         for t in tuners(model).values():
             for x in t._own(): torch.distributed.broadcast(x.data, src=0)
 
-def check_plain_trainer(model: nn.Module, optimizer):
-    "Raise if a plain Trainer's `optimizer` decays a `no_decay` vector, or `model` has a regulariser it would not add."
+def check_plain_trainer(model: nn.Module, optimizer, args=None):
+    "Raise if a plain Trainer's `optimizer` decays a `no_decay` vector, or its `args` compute a loss without the model's regulariser."
     nd = _no_decay_names(model)
     ids = {id(p): n for n, p in _unique(model.named_parameters()).items() if n in nd}
     decayed = [ids[id(p)] for g in optimizer.param_groups if g.get('weight_decay', 0) > 0 for p in g['params'] if id(p) in ids]
@@ -37,19 +37,22 @@ def check_plain_trainer(model: nn.Module, optimizer):
         raise ValueError(f"the optimizer decays {len(own)} vectors of {_method(model).name!r} that start at 1 "
                          f"({_short(own, 3)}): weight decay pulls them toward 0. Use SubspaceTrainer, or build the "
                          "optimizer from subspace_nb.param_groups(model, weight_decay)")
-    with torch.no_grad(): reg = regularizer(model)
-    if torch.is_tensor(reg):
-        raise ValueError(f"{_method(model).name!r} adds a regulariser to the loss (now {float(reg):.4g}) that a plain "
-                         "Trainer leaves out: use SubspaceTrainer, which adds it in compute_loss")
+    smoothing, st = getattr(args, 'label_smoothing_factor', 0) or 0, getattr(model, '_subspace_protocol', None)
+    if smoothing > 0 and (st is None or st['loss']):
+        with torch.no_grad(): reg = regularizer(model)
+        if torch.is_tensor(reg):
+            raise ValueError(f"label_smoothing_factor={smoothing}: the Trainer computes the loss from the logits, without "
+                             f"the regulariser of {_method(model).name!r} (now {float(reg):.4g}) that the model's own loss "
+                             "carries. Use SubspaceTrainer, which adds it there")
 
 class SubspaceCallback(TrainerCallback):
     "The method's hooks in a `transformers.Trainer`: `prepare` before the first step, `step_end` after each optimizer step, `finish` at the end."
     def __init__(self, owned: bool = False):
-        self.owned = owned                  # True inside SubspaceTrainer, which adds the regularisers and decay groups
+        self.owned = owned                  # True inside SubspaceTrainer, which builds the decay groups
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
         _method(model)                                                   # a clear error if the model is not tuned
-        if not self.owned and optimizer is not None: check_plain_trainer(model, optimizer)
+        if not self.owned and optimizer is not None: check_plain_trainer(model, optimizer, args)
         prepare(model, train_dataloader)        # idempotent: a resumed run keeps what its checkpoint holds
         _broadcast_tuning(model)
 
@@ -83,7 +86,22 @@ class SubspaceTrainer(Trainer):
             self.optimizer = opt_cls(param_groups(self.model, self.args.weight_decay), **opt_kwargs)
         return self.optimizer
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        if model.training: loss = loss + regularizer(self.accelerator.unwrap_model(model))
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        labels = {k: inputs[k] for k in ('labels', 'shift_labels') if k in inputs}   # before the Trainer pops them
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs)
+        inner = self.accelerator.unwrap_model(model)
+        st = getattr(inner, '_subspace_protocol', None)
+        if model.training and st is not None and st['loss'] and not st['carried']:   # the model's output had no loss
+            reg = regularizer(inner)
+            if torch.is_tensor(reg): loss = loss + self._reg_weight(inner, labels, num_items_in_batch) * reg
         return (loss, outputs) if return_outputs else loss
+
+    def _reg_weight(self, model, labels: dict, num_items_in_batch):
+        "The regulariser's weight on a loss this Trainer computed itself: one optimizer step sees it once, as the model's loss hook weighs it."
+        scaled = getattr(self, 'loss_is_scaled_for_ga', None)
+        if scaled is None: scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if not scaled or num_items_in_batch is None: return 1.     # training_step divides the loss by the accumulation steps
+        w = reg_share(model, labels | dict(num_items_in_batch=num_items_in_batch))
+        if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            w = w * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return w                                                    # the factor compute_loss put on the task loss

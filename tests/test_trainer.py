@@ -4,7 +4,8 @@ import copy, tempfile
 import pytest, torch
 from transformers import Trainer, TrainingArguments
 from subspace_nb.core import METHODS, load_all, get_method
-from subspace_nb.inject import apply_tuning, tuners, regularizer, param_groups, from_pretrained, load_tuning, save_tuning
+from subspace_nb.inject import (apply_tuning, tuners, regularizer, param_groups, from_pretrained, load_tuning, save_tuning,
+                                regularize_loss, mark_driven)
 from subspace_nb.models import tiny_model, tiny_batch, TinyRows
 from subspace_nb.trainer import SubspaceTrainer, SubspaceCallback
 
@@ -37,10 +38,11 @@ def test_five_trainer_steps(name, monkeypatch, tmp_path):
     calls = []
     spy(monkeypatch, get_method(name), calls)
     tr = SubspaceTrainer(model=m, args=args(str(tmp_path)), train_dataset=TinyRows())
-    # the loss it optimises: the model's loss plus the method's regulariser, while training
+    # the loss it optimises: the task loss plus the method's regulariser, once, while training
     b = {k: torch.stack([TinyRows()[i][k] for i in range(4)]) for k in ('input_ids', 'attention_mask', 'labels')}
-    m.train(); torch.manual_seed(0); loss = tr.compute_loss(m, b)
-    torch.manual_seed(0); torch.testing.assert_close(loss, m(**b).loss + regularizer(m))
+    mark_driven(m).train(); torch.manual_seed(0); loss = tr.compute_loss(m, dict(b))
+    regularize_loss(m, False); torch.manual_seed(0); task = m(**b).loss; regularize_loss(m, True)
+    torch.testing.assert_close(loss, task + regularizer(m))
     tr.train()
     # the hooks: prepare once before, step_end after each of the 5 optimizer steps, finish once
     assert calls == [('prepare',)] + [('step_end', s, 5) for s in range(5)] + [('finish',)], calls
@@ -58,14 +60,24 @@ def test_five_trainer_steps(name, monkeypatch, tmp_path):
     assert moved, f"{name}: no parameter of the method changed in 5 steps"
 
 
-@pytest.mark.parametrize('name', ['ssb', 'ia3', 'diff-pruning', 'trilora'])
-def test_plain_trainer_with_callback_refuses(name, tmp_path):
-    "Where a plain Trainer would train another method (decayed scaling vectors, a dropped regulariser), it says so."
+@pytest.mark.parametrize('name,kw', [('ssb', {}), ('ia3', {}), ('diff-pruning', dict(label_smoothing_factor=0.1)),
+                                     ('trilora', dict(label_smoothing_factor=0.1))])
+def test_plain_trainer_with_callback_refuses(name, kw, tmp_path):
+    """Where a plain Trainer would train another method (decayed scaling vectors; label smoothing, whose loss from the
+    logits leaves the model's regulariser out), it says so."""
     m = apply_tuning(tiny_model('bert'), name, **({'mpc': 'o'} if name == 'trilora' else {}))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    tr = Trainer(model=m, args=args(str(tmp_path)), train_dataset=TinyRows(), callbacks=[SubspaceCallback()])
+    tr = Trainer(model=m, args=args(str(tmp_path), **kw), train_dataset=TinyRows(), callbacks=[SubspaceCallback()])
     with pytest.raises(ValueError, match='SubspaceTrainer'): tr.train()
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())      # refused before any step
+
+
+@pytest.mark.parametrize('name', ['diff-pruning', 'trilora'])
+def test_plain_trainer_with_callback_regularises(name, tmp_path):
+    "With the regulariser in the model's own loss, a plain Trainer with the callback trains the method as it is: no refusal."
+    m = apply_tuning(tiny_model('bert'), name, **({'mpc': 'o'} if name == 'trilora' else {}))
+    Trainer(model=m, args=args(str(tmp_path)), train_dataset=TinyRows(), callbacks=[SubspaceCallback()]).train()
+    if name == 'diff-pruning': assert all(t.projected for t in tuners(m).values())       # finish ran
 
 
 def test_plain_trainer_with_callback_runs_hooks(tmp_path):
