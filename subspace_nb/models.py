@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 import transformers
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, RobertaConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, RobertaConfig,
                           DebertaV2Config, GPT2Config, LlamaConfig)
 
 # %% auto #0
 __all__ = ['TINY', 'ARCHS', 'PAPER_CONFIGS', 'minilm_path', 'quiet_transformers', 'load_model', 'load_minilm', 'tiny_config',
-           'tiny_model', 'tiny_batch', 'TinyRows', 'meta_model']
+           'tiny_model', 'tiny_batch', 'TinyRows', 'tiny_lm', 'meta_model']
 
 # %% ../nbs/02_models.ipynb #c005
 def minilm_path() -> Path:
@@ -95,6 +95,15 @@ class TinyRows(torch.utils.data.Dataset):
     def __len__(self): return len(self.y)
     def __getitem__(self, i):
         return dict(input_ids=self.ids[i], attention_mask=torch.ones_like(self.ids[i]), labels=self.y[i])
+
+def tiny_lm(arch: str, seed: int = 0, dtype=torch.float32):
+    "A tiny randomly initialised causal LM (`lm_head` on top) of `arch` ('gpt2', 'llama'), seeded; no end-of-sequence token, so `generate` makes every token asked for."
+    if arch not in ('gpt2', 'llama'): raise ValueError(f"arch={arch!r}: a tiny causal LM is one of 'gpt2', 'llama'")
+    cfg = tiny_config(arch); cfg.bos_token_id = cfg.eos_token_id = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.to(dtype).eval()
 
 # %% ../nbs/02_models.ipynb #c011
 PAPER_CONFIGS = {

@@ -13,8 +13,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # %% auto #0
 __all__ = ['PREFIX_IMPL', 'model_type', 'max_positions', 'reads_first_token', 'special_ids', 'prompt_ids', 'check_l',
-           'remove_hooks', 'as_kwargs', 'SoftPrompt', 'PromptTuning', 'uses_attention_interface', 'kv_heads',
-           'extend_mask', 'prefix_attention', 'register_prefix_attention', 'Prefixes', 'PrefixTuning']
+           'remove_hooks', 'as_kwargs', 'cache_length', 'SoftPrompt', 'PromptTuning', 'uses_attention_interface',
+           'kv_heads', 'extend_mask', 'prefix_attention', 'register_prefix_attention', 'Prefixes', 'PrefixTuning']
 
 # %% ../nbs/13_mode3_soft_prompts.ipynb #c010
 def model_type(model) -> str:
@@ -74,6 +74,10 @@ def as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return dict(zip(names, args)) | kwargs
 
 # %% ../nbs/13_mode3_soft_prompts.ipynb #c015
+def cache_length(cache) -> int:
+    "Positions a key/value cache already holds (0 for no cache)."
+    return cache.get_seq_length() if cache is not None else 0
+
 class SoftPrompt(nn.Module):
     r"The $l$ trainable prompt vectors $P$ of prompt tuning and the hooks that put them in front of the input embeddings."
     is_tuning = True
@@ -83,6 +87,7 @@ class SoftPrompt(nn.Module):
         self.P = nn.Parameter(P.float())                           # (l, d): the first l rows of the augmented E, float32
         self.register_buffer('ids', ids, persistent=False)        # placeholder ids (the tokens P started from)
         self.at, self.limit, self._armed = at, limit, False        # insert after `at` tokens
+        self.enabled = True                                        # False inside `disable_tuning`: the hooks do nothing
 
     @property
     def l(self) -> int: return self.P.shape[0]
@@ -92,31 +97,53 @@ class SoftPrompt(nn.Module):
         fill = fill.to(device=t.device, dtype=t.dtype).expand(t.shape[0], *fill.shape)
         return torch.cat([t[:, :self.at], fill, t[:, self.at:]], 1)
 
+    def positions(self, pos: torch.Tensor) -> torch.Tensor:
+        "Position ids (batch, s) -> (batch, s + l): the prompts number on from token `at`, the text behind them moves by l."
+        start = pos[:, self.at - 1:self.at] + 1 if self.at else torch.zeros_like(pos[:, :1])
+        prompt = start + torch.arange(self.l, device=pos.device, dtype=pos.dtype)
+        return torch.cat([pos[:, :self.at], prompt, pos[:, self.at:] + self.l], 1)
+
     def before_model(self, model, args, kwargs):
-        "Forward pre-hook on the model: lengthen ids, mask and token types by the l prompt positions."
+        "Forward pre-hook on the model: lengthen ids, mask, token types and positions by the l prompt positions."
+        if not self.enabled: return None
         kw = as_kwargs(model, args, kwargs)
         ids, emb = kw.get('input_ids'), kw.get('inputs_embeds')
         x = ids if ids is not None else emb
         if x is None: return None
-        cache = kw.get('past_key_values')
-        if cache is not None and getattr(cache, 'get_seq_length', lambda: 0)() > 0:
-            raise NotImplementedError("prompt tuning puts its prompts into every forward call; decoding with a filled "
-                                      "key/value cache (past_key_values) is not supported")
-        if kw.get('position_ids') is not None:
-            raise ValueError("prompt tuning lengthens the sequence by its l prompts; call the model without position_ids "
-                             "so that it numbers the positions itself")
-        s = x.shape[1]
-        if self.limit is not None and s + self.l > self.limit:
-            raise ValueError(f"an input of {s} tokens plus l={self.l} prompts needs {s + self.l} positions, but this model "
-                             f"has {self.limit} (max_position_embeddings): truncate inputs to at most "
-                             f"{self.limit - self.l} tokens or use fewer prompts")
+        cache = kw.get('cache', kw.get('past_key_values'))
+        past, s = cache_length(cache), x.shape[1]
+        if past and getattr(cache, 'soft_prompt', None) != self.l:
+            raise ValueError(f"this key/value cache holds {past} positions that were not computed with this model's "
+                             f"l={self.l} prompts; continue only from a cache that the prompt-tuned model filled itself")
+        new = s if past else s + self.l                            # a decode step: the prompts are in the cache already
+        if self.limit is not None and past + new > self.limit:
+            what = f"{past} cached positions (the prompts among them) and {s} new" if past else \
+                   f"an input of {s} tokens and l={self.l} prompts"
+            raise ValueError(f"{what}: {past + new} positions needed, but this model has {self.limit} "
+                             f"(max_position_embeddings); the text, generated tokens included, may have at most "
+                             f"{self.limit - self.l} tokens: truncate it or use fewer prompts")
         mask = kw.get('attention_mask')
-        if mask is not None:
+        if mask is not None:                                       # covers the whole sequence, cached part included
             if mask.dim() != 2:
                 raise ValueError(f"prompt tuning extends a 2-D attention_mask (batch, tokens); got shape {tuple(mask.shape)}")
             kw['attention_mask'] = self.insert(mask, torch.ones(self.l, dtype=mask.dtype))
+        cp = kw.get('cache_position')                              # the slots this call writes in the cache
+        if cp is not None: kw['cache_position'] = torch.arange(past, past + new, device=cp.device, dtype=cp.dtype)
+        pos = kw.get('position_ids')
+        if past:                                                   # decode step: only the positions move, by l
+            if pos is not None: kw['position_ids'] = pos + self.l
+            return (), kw
+        if pos is not None:
+            if pos.dim() != 2 or pos.shape[1] != s:
+                raise ValueError(f"prompt tuning numbers the positions of 2-D position_ids (batch, tokens) with one per "
+                                 f"token; got shape {tuple(pos.shape)} for {s} tokens")
+            kw['position_ids'] = self.positions(pos)
         if kw.get('token_type_ids') is not None:
             kw['token_type_ids'] = self.insert(kw['token_type_ids'], torch.zeros(self.l, dtype=torch.long))
+        labels = kw.get('labels')
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == s and not labels.is_floating_point():
+            kw['labels'] = self.insert(labels, torch.full((self.l,), -100))          # token labels: none for a prompt
+        if cache is not None: cache.soft_prompt = self.l           # the cache this call fills starts with the prompts
         if ids is not None:
             kw['input_ids'] = self.insert(ids, self.ids)
             self._armed = True                                       # the next embedding call puts P in
@@ -130,6 +157,12 @@ class SoftPrompt(nn.Module):
         self._armed = False
         a, b = self.at, self.at + self.l
         return torch.cat([out[:, :a], self.P.to(out.dtype).expand(out.shape[0], -1, -1), out[:, b:]], 1)
+
+    def after_model(self, model, args, out):
+        "Forward hook on the model: mark a key/value cache the model created in a call that inserted the prompts."
+        keys = list(out.keys()) if isinstance(out, dict) else []             # 'past_key_values' in older transformers
+        cache = next((out[k] for k in ('cache', 'past_key_values') if k in keys), None)
+        if self.enabled and cache is not None and not hasattr(cache, 'soft_prompt'): cache.soft_prompt = self.l
 
     def extra_repr(self): return f"l={self.l}, d={self.P.shape[1]}, after {self.at} token(s)"
 
@@ -169,6 +202,7 @@ class PromptTuning(Tuner):
         sp = SoftPrompt(emb.weight[ids].detach().clone(), ids, at=1 if reads_first_token(model) else 0, limit=limit)
         model.add_module(cls.attr, sp)
         model.register_forward_pre_hook(sp.before_model, with_kwargs=True)
+        model.register_forward_hook(sp.after_model)
         emb.register_forward_hook(sp.after_embedding)
 
     @classmethod
@@ -177,6 +211,12 @@ class PromptTuning(Tuner):
         if sp is None: return
         remove_hooks(model, sp)
         delattr(model, cls.attr)
+
+    @classmethod
+    def enable(cls, model, on: bool):
+        "Switch the prompts on or off (`disable_tuning`): off, the hooks hand every call on unchanged."
+        sp = getattr(model, cls.attr, None)
+        if sp is not None: sp.enabled, sp._armed = on, False
 
     @classmethod
     def count(cls, layers, l: int = 8) -> int:
@@ -348,6 +388,12 @@ class PrefixTuning(Tuner):
         for mod in model.modules(): mod.__dict__.pop('_prefix', None)
         if model.config._attn_implementation == PREFIX_IMPL + pre.impl: model.config._attn_implementation = pre.impl
         delattr(model, cls.attr)
+
+    @classmethod
+    def enable(cls, model, on: bool):
+        "Switch the prefixes on or off (`disable_tuning`): off, the model's own attention implementation runs."
+        pre = getattr(model, cls.attr, None)
+        if pre is not None: model.config._attn_implementation = PREFIX_IMPL + pre.impl if on else pre.impl
 
     @classmethod
     def count(cls, layers, l: int = 8) -> int:
