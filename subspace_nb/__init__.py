@@ -9,6 +9,7 @@ __all__ = []
 # %% ../nbs/04_api.ipynb #c003
 from .core import *
 from .inject import *
+from .named import *
 from .models import *
 from .trainer import *
 from .mode1 import *
@@ -26,6 +27,6 @@ from .lab import *
 from .analysis import *
 from .experiments import *
 from .paper import *
-from . import core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, lab, analysis, experiments, paper
+from . import core, inject, named, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, lab, analysis, experiments, paper
 
-__all__ = [n for m in (core, inject, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, lab, analysis, experiments, paper) for n in m.__all__]
+__all__ = [n for m in (core, inject, named, models, trainer, mode1, mode2, mode3, prompts, lora, lora_family, shared, mpc, adapters, combination, composition, lab, analysis, experiments, paper) for n in m.__all__]
