@@ -37,7 +37,7 @@ class DoRA(LoRA):
     def direction(self) -> torch.Tensor:
         r"$W + sAB$ in torch layout, float32 `(m, n)`; without a graph when the norm is detached."
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
-            return plus_low_rank(self.W.float(), self.B, self.A, self.s)             # one pass: W + s A B
+            return plus_low_rank(self.W.to(self.B.dtype), self.B, self.A, self.s)    # one pass: W + s A B, in the factors' dtype
 
     def scale(self, V: torch.Tensor) -> torch.Tensor:
         r"$c = \mathbf m / \lVert V\rVert_c$ per output `(m,)`; a row of norm 0 is divided by 1 (its output stays 0, no NaN)."
@@ -54,7 +54,7 @@ class DoRA(LoRA):
         return h + ((c - 1) * xw + c * z).to(h.dtype)                             # c (x W + s x A B) + b
 
     def tuned(self):
-        V = plus_low_rank(self.W.float(), self.B, self.A, self.s)             # W + s A B, (m, n), rounded as the forward's
+        V = plus_low_rank(self.W.to(self.B.dtype), self.B, self.A, self.s)    # W + s A B, (m, n), rounded as the forward's
         return (self.scale(V)[:, None] * V).to(self.W.dtype), self.b
 
     def delta(self):
