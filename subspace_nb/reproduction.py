@@ -7,9 +7,11 @@ from __future__ import annotations
 import statistics, math
 from pathlib import Path
 from .sweeps import read_results, results_table, summarise, PAPER_METHODS, SWEEP_METHODS, plan, run_id
+from .verdicts import judge, needed, ANALYSES, ALPHA, MARGIN
 
 # %% auto #0
-__all__ = ['CLAIMS', 'majority_baseline', 'seed_spread', 'pairs', 'verdict', 'ledger', 'show_ledger']
+__all__ = ['CLAIMS', 'FLOOR', 'ROBUSTNESS', 'SYMBOL', 'majority_baseline', 'seed_spread', 'pairs', 'differences', 'verdict',
+           'ledger', 'show_ledger', 'show_robustness']
 
 # %% ../nbs/51_reproduction.ipynb #c007b
 def majority_baseline(tasks, root=None) -> dict:
@@ -47,25 +49,25 @@ def seed_spread(records: list[dict]) -> list[dict]:
     return out
 
 # %% ../nbs/51_reproduction.ipynb #c009
-CLAIMS = [   # (claim, method a, relation, method b): relation '>' a beats b, '>=' a at least b, '~' a about b
+CLAIMS = [   # (claim, method a, relation, method b): '>' a beats b, '>=' a is not worse than b, '~' a about equals b
     ("mode 1 far below the rest: SAM-PARSER < LoRA", 'lora', '>', 'sam-parser'),
     ("mode 1 far below the rest: SAM-PARSER < SSB", 'ssb', '>', 'sam-parser'),
     ("SSB > SSL", 'ssb', '>', 'ssl'),
     ("SSB > (IA)3", 'ssb', '>', 'ia3'),
     ("SSL ≈ (IA)3", 'ssl', '~', 'ia3'),
     ("SSB near full fine-tuning under 1 per mille", 'ssb', '~', 'full'),
-    ("FLoRA >= AdaLoRA", 'flora', '>=', 'adalora'),
-    ("FLoRA >= TriLoRA", 'flora', '>=', 'trilora'),
-    ("AdaLoRA >= LoRA", 'adalora', '>=', 'lora'),
-    ("TriLoRA >= LoRA", 'trilora', '>=', 'lora'),
+    ("FLoRA > AdaLoRA", 'flora', '>', 'adalora'),
+    ("FLoRA > TriLoRA", 'flora', '>', 'trilora'),
+    ("AdaLoRA > LoRA", 'adalora', '>', 'lora'),
+    ("TriLoRA > LoRA", 'trilora', '>', 'lora'),
     ("MPC_o improves LoRA", 'lora+mpc_o', '>', 'lora'),
     ("MPC_d improves LoRA", 'lora+mpc_d', '>', 'lora'),
     ("MPC_n improves LoRA", 'lora+mpc_n', '>', 'lora'),
     ("MPC_o improves TriLoRA", 'trilora+mpc_o', '>', 'trilora'),
-    ("DoRA >= LoRA", 'dora', '>=', 'lora'),
-    ("nonlinear adapters >= LoRA: PA", 'pa', '>=', 'lora'),
-    ("nonlinear adapters >= LoRA: HAdapter", 'hadapter', '>=', 'lora'),
-    ("nonlinear adapters >= LoRA: PAdapter", 'padapter', '>=', 'lora'),
+    ("DoRA > LoRA", 'dora', '>', 'lora'),
+    ("nonlinear adapters > LoRA: PA", 'pa', '>', 'lora'),
+    ("nonlinear adapters > LoRA: HAdapter", 'hadapter', '>', 'lora'),
+    ("nonlinear adapters > LoRA: PAdapter", 'padapter', '>', 'lora'),
     # beyond the paper: compositions g(f(W)) (31_composition) against DoRA, the paper's own combination
     ("beyond the paper: SSB∘LoRA >= DoRA", 'ssb,lora', '>=', 'dora'),
     ("beyond the paper: (IA)3∘LoRA >= DoRA", 'ia3,lora', '>=', 'dora'),
@@ -79,8 +81,15 @@ def pairs(records: list[dict], a: str, b: str) -> list[tuple[float, float]]:
     B = {key(r)[:2]: r['score'] for r in records if r['config']['method'] == b}
     return [(100 * A[k], 100 * B[k[:2]]) for k in sorted(A) if k[:2] in B]
 
+def differences(records: list[dict], a: str, b: str) -> dict:
+    "{(task, seed): score of a - score of b, x 100} over the (task, seed) both methods ran."
+    key = lambda r: (r['config']['task'], r['config']['seed'])
+    A = {key(r): r['score'] for r in records if r['config']['method'] == a}
+    B = {key(r): r['score'] for r in records if r['config']['method'] == b}
+    return {k: 100 * (A[k] - B[k]) for k in sorted(A) if k in B}
+
 def verdict(rel: str, diffs: list[float]) -> tuple[str, float, float]:
-    "(verdict, mean difference, two-sided paired t-test p) for differences a - b under relation `rel`."
+    "The first ledger's rule: (verdict, mean difference, two-sided paired t-test p) for differences a - b, uncorrected."
     n = len(diffs)
     if n < 3: return ('not tested (fewer than 3 pairs)', statistics.mean(diffs) if diffs else float('nan'), float('nan'))
     from scipy.stats import ttest_1samp
@@ -92,23 +101,47 @@ def verdict(rel: str, diffs: list[float]) -> tuple[str, float, float]:
     if p < 0.05: return ('supported' if m > 0 else 'contradicted', m, p)
     return ('not resolved', m, p)
 
-def ledger(records: list[dict]) -> list[dict]:
-    "The claims of `CLAIMS` tested on `records`."
+FLOOR = ('CoLA',)    # the task where full fine-tuning, BitFit and the spectral adapter stay on the constant answer
+ROBUSTNESS = {k: ANALYSES[k] for k in ('chosen', 'uncorrected', 'fdr', 'paired t', 'wilcoxon', 'task means', 'sd pairs')} | {
+    'without CoLA': dict(ANALYSES['chosen'], label='SD units, task means without CoLA, t, Holm', drop=FLOOR)}
+
+def ledger(records: list[dict], sd: dict | None = None, claims=None) -> list[dict]:
+    "The claims of `CLAIMS` tested on `records` under every analysis of `ROBUSTNESS`; `sd`: task -> seed SD (default `seed_spread`)."
+    claims = CLAIMS if claims is None else claims
+    sd = {r['task']: r['seed_sd'] for r in seed_spread(records)} if sd is None else sd
+    comps = [(claim, rel, differences(records, a, b)) for claim, a, rel, b in claims]
+    res = {name: judge(comps, sd, A) for name, A in ROBUSTNESS.items()}
     out = []
-    for claim, a, rel, b in CLAIMS:
-        ps = pairs(records, a, b)
-        v, m, p = verdict(rel, [x - y for x, y in ps])
-        by_task = {}   # the pooled test can hide a task that goes the other way, or a task where both sit on the floor
-        for t in dict.fromkeys(r['config']['task'] for r in records):
-            pt = pairs([r for r in records if r['config']['task'] == t], a, b)
-            if pt: by_task[t] = statistics.mean(x - y for x, y in pt)
-        if len({d > 0 for d in by_task.values() if abs(d) >= 1}) > 1: v += '; tasks disagree'   # 1 point or more each way
-        out.append(dict(claim=claim, a=a, b=b, pairs=len(ps), diff=m, p=p, verdict=v, by_task=by_task))
+    for i, ((claim, a, rel, b), (_, _, d)) in enumerate(zip(claims, comps)):
+        by_task = {}   # each task's mean difference in points: a task that goes the other way shows
+        for (t, _), v in d.items(): by_task.setdefault(t, []).append(v)
+        by_task = {t: statistics.mean(v) for t, v in by_task.items()}
+        before, m, p = verdict(rel, list(d.values()))
+        if len({x > 0 for x in by_task.values() if abs(x) >= 1}) > 1: before += '; tasks disagree'
+        out.append(dict(res['chosen'][i], claim=claim, a=a, b=b, pairs=len(d), diff=m, by_task=by_task,
+                        before=before, before_p=p, analyses={k: v[i] for k, v in res.items()}, d=d))
     return out
 
+def _f(x, f): return '–' if x != x else format(x, f)
+
 def show_ledger(rows) -> str:
-    head = '| claim | a − b (points) | pairs | p | verdict | a − b by task |\n|---|---|---|---|---|---|'
-    fmt = lambda x, f: '–' if x != x else format(x, f)
-    tasks = lambda r: ' · '.join(f"{t} {d:+.1f}" for t, d in r.get('by_task', {}).items())
-    return head + '\n' + '\n'.join(f"| {r['claim']} | {fmt(r['diff'], '+.2f')} | {r['pairs']} | {fmt(r['p'], '.3f')} | "
-                                    f"{r['verdict']} | {tasks(r)} |" for r in rows)
+    "The ledger as a Markdown table: the chosen analysis, and the first ledger's verdict beside it."
+    head = ('| claim | a − b (points) | a − b by task (points) | effect (task SDs, 95% interval) | p | Holm p | verdict | before (p) |\n'
+            '|---|---|---|---|---|---|---|---|')
+    tasks = lambda r: ' · '.join(f"{t} {d:+.1f}" for t, d in r['by_task'].items())
+    return head + '\n' + '\n'.join(
+        f"| {r['claim']} | {_f(r['diff'], '+.2f')} | {tasks(r)} | {_f(r['est'], '+.2f')} [{_f(r.get('lo', math.nan), '+.2f')}, "
+        f"{_f(r.get('hi', math.nan), '+.2f')}] | {_f(r['p'], '.3f')} | {_f(r['p_adj'], '.3f')} | **{r['verdict']}**"
+        + (f" (one test with {r['same_as']})" if r['same_as'] else '') + f" | {r['before']} ({_f(r['before_p'], '.3f')}) |" for r in rows)
+
+SYMBOL = {'supported': '✓', 'contradicted': '✗', 'not resolved': '·'}
+
+def show_robustness(rows) -> str:
+    "Each claim's verdict under every analysis: ✓ supported, ✗ contradicted, · not resolved."
+    sym = lambda v: SYMBOL.get(v.split(';')[0], '–')
+    names = list(ROBUSTNESS)
+    head = ('| claim | before | ' + ' | '.join(ROBUSTNESS[n]['label'] for n in names) + ' | the same in all? |\n|---|'
+            + '---|' * (len(names) + 2))
+    same = lambda r: 'yes' if len({r['analyses'][n]['verdict'] for n in names}) == 1 else 'no'
+    return head + '\n' + '\n'.join(f"| {r['claim']} | {sym(r['before'])} | " + ' | '.join(sym(r['analyses'][n]['verdict']) for n in names)
+                                   + f" | {same(r)} |" for r in rows)
