@@ -25,12 +25,14 @@ class DoRA(LoRA):
     test_hp = dict(r=4)
 
     def __init__(self, base, r: int = 8, alpha: float | None = None, dropout: float = 0.0, mpc: str | None = None,
-                 mpc_weight: float | None = None, detach_norm: bool = True, generator=None):
+                 mpc_weight: float | None = None, detach_norm: bool = True, generator=None,
+                 rank_pattern: dict | None = None, alpha_pattern: dict | None = None):
         if not isinstance(detach_norm, bool): raise TypeError(f"detach_norm={detach_norm!r}: expected True or False")
         if mpc == 'n':
             raise ValueError("dora with mpc='n': DoRA normalises the rows of W + sAB, and a non-linearity between A and "
                              "B leaves no such weight; use mpc=None, 'o' or 'd'")
-        super().__init__(base, r=r, alpha=alpha, dropout=dropout, mpc=mpc, mpc_weight=mpc_weight, generator=generator)
+        super().__init__(base, r=r, alpha=alpha, dropout=dropout, mpc=mpc, mpc_weight=mpc_weight, generator=generator,
+                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
         self.detach_norm = detach_norm
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(self.W.detach().float(), dim=1))   # ||W||_c, (m,)
 

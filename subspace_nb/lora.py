@@ -4,6 +4,7 @@
 
 # %% ../nbs/20_lora.ipynb #c002
 from __future__ import annotations
+import re
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ from .core import *
 from .mpc import MPC, check_mpc
 
 # %% auto #0
-__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'plus_low_rank', 'LowRankFn', 'one_gemm', 'LowRank', 'LoRA']
+__all__ = ['MIDDLES', 'INITS', 'one_gemm_ok', 'plus_low_rank', 'LowRankFn', 'one_gemm', 'pattern_value', 'check_pattern',
+           'LowRank', 'LoRA']
 
 # %% ../nbs/20_lora.ipynb #c006
 MIDDLES = {None: 'A B', 'diag': 'A D B', 'core': 'A G B'}     # the middle factor M of Delta W = A M B (§4.1)
@@ -74,6 +76,19 @@ def one_gemm(x, W, b, A, B, s: float = 1.0, c=None, V=None) -> torch.Tensor:
 
 INITS = ('zeros', 'ones', 'kaiming', 'kaiming-normal', 'normal')
 
+def pattern_value(pattern: dict | None, name: str, default):
+    r"A per-layer value by PEFT's rule for `rank_pattern` / `alpha_pattern`: that of the first key `k` with `name` matching `(.*\.)?(k)$`, else `default`."
+    for k, v in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({k})$", name): return v
+    return default
+
+def check_pattern(pattern, field: str, ok, want: str):
+    "Raise unless `pattern` is None or a dict of non-empty name patterns to values that pass `ok`."
+    if pattern is not None and not (isinstance(pattern, dict) and all(isinstance(k, str) and k and ok(v) for k, v in pattern.items())):
+        raise ValueError(f"{field}={pattern!r}: expected a dict from module-name patterns (the end of a name, or a regular "
+                         f"expression for it) to {want}")
+    return pattern
+
 class LowRank(Tuner):
     r"A factorised extension $\phi(W) = W + s\,A M B$, $M\in\{I, D, G\}$; a method declares `middle` and `init`."
     mode = 'extension'
@@ -98,8 +113,12 @@ class LowRank(Tuner):
             cls.formula = auto[cls.middle]
 
     def __init__(self, base, r: int = 8, alpha: float | None = None, dropout: float = 0.0, mpc: str | None = None,
-                 mpc_weight: float | None = None, generator=None):
+                 mpc_weight: float | None = None, generator=None, rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None):
         super().__init__(base)
+        if rank_pattern is not None or alpha_pattern is not None:      # per layer: only `build` knows the layer's name
+            raise TypeError("rank_pattern and alpha_pattern choose r and alpha by the layer's name: pass them to "
+                            "apply_tuning, whose LowRank.build resolves them, not to one tuner")
         check_rank(r, self.n, self.m)
         if not 0 <= dropout < 1: raise ValueError(f"dropout={dropout!r}: expected a float in [0, 1)")
         self.mpc, self.mpc_weight = check_mpc(mpc, mpc_weight)
@@ -111,6 +130,25 @@ class LowRank(Tuner):
         if self.middle == 'core': self.G = self.factor((r, r), self.init['G'], generator)   # (r, r) = G^T
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         if self.mpc == 'n': self.linear = False                         # x -> relu(xA)..B has no single weight
+
+    @classmethod
+    def per_layer(cls, name: str, hp: dict) -> dict:
+        "`hp` for layer `name`: r and alpha from `rank_pattern` / `alpha_pattern` where a key matches (PEFT's rule), the patterns gone."
+        hp = dict(hp)
+        rp = check_pattern(hp.pop('rank_pattern', None), 'rank_pattern', lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, 'positive ints')
+        ap = check_pattern(hp.pop('alpha_pattern', None), 'alpha_pattern', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, 'positive numbers')
+        for k, p in (('r', rp), ('alpha', ap)):
+            v = pattern_value(p, name, None)
+            if v is not None: hp[k] = v
+        return hp
+
+    @classmethod
+    def build(cls, name, layer, generator=None, **hp):
+        return cls(layer, generator=generator, **cls.per_layer(name, hp))
+
+    @classmethod
+    def count(cls, layers: dict, **hp) -> int:
+        return sum(cls.n_params(*dims(l), **cls.per_layer(k, hp)) for k, l in layers.items())
 
     def factor(self, shape, how, generator=None) -> nn.Parameter:
         "A float32 factor of `shape`, started as `how` says (see `INITS`)."

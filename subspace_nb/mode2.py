@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .core import *
 
 # %% auto #0
-__all__ = ['SIDES', 'SCALING_TARGETS', 'FFN_DOWN', 'ScalingFn', 'Scaling', 'IA3', 'SSL', 'SSB']
+__all__ = ['SIDES', 'SCALING_TARGETS', 'FFN_DOWN', 'PEFT_IA3', 'ScalingFn', 'Scaling', 'is_feedforward', 'IA3', 'SSL', 'SSB']
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c014
 SIDES = ('in', 'out')          # 'in': l_in scales the n inputs (paper D1 W); 'out': l_out scales the m outputs (W D2)
@@ -104,6 +104,22 @@ class Scaling(Tuner):
     def extra_repr(self): return f"n={self.n}, m={self.m}, sides={self.sides}" + (", merged" if self.merged else "")
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c018
+def _check_feedforward(feedforward):
+    ok = feedforward is None or (isinstance(feedforward, str) and feedforward) or \
+         (isinstance(feedforward, list) and all(isinstance(f, str) and f for f in feedforward))
+    if not ok:
+        raise ValueError(f"feedforward={feedforward!r}: expected None (the paper's placement: the FFN's second layer, "
+                         "FFN_DOWN), a list of module-name suffixes or one regular expression for the whole name")
+    return feedforward
+
+def is_feedforward(name: str, feedforward=None) -> bool:
+    "Does (IA)^3 scale the input of layer `name`? `feedforward`: None for `FFN_DOWN`, else name suffixes or a regex."
+    if _check_feedforward(feedforward) is None: return re.fullmatch(FFN_DOWN, name) is not None
+    if isinstance(feedforward, str): return re.fullmatch(feedforward, name) is not None
+    return any(name == f or name.endswith('.' + f) for f in feedforward)
+
+PEFT_IA3 = dict(targets=['key', 'value', 'output.dense'], feedforward=['output.dense'])   # PEFT's default for BERT-like models
+
 @register
 class IA3(Scaling):
     r"(IA)³: $W' = W D_2$, $D_2 = \mathrm{diag}(l_{out})$, $l_{out}\in\mathbb{R}^m$ at 1; the output (bias included) is scaled."
@@ -113,20 +129,27 @@ class IA3(Scaling):
     formula = "m per key/value layer; n per FFN second layer (its hidden width)"
     targets = r'.*\.(key|value|key_proj|value_proj|k_proj|v_proj|c_attn)|' + FFN_DOWN
 
-    @classmethod
-    def sides_at(cls, name: str) -> tuple:
-        "The input side on the FFN's second layer, the output side elsewhere."
-        return ('in',) if re.fullmatch(FFN_DOWN, name) else ('out',)
+    def __init__(self, base, feedforward=None, generator=None):
+        super().__init__(base, generator=generator)                 # the output side; `build` places it by name
+        _check_feedforward(feedforward)
 
     @classmethod
-    def build(cls, name, layer, generator=None):
-        t = cls(layer, generator=generator)
-        if cls.sides_at(name) != t.sides: t.place(cls.sides_at(name))
+    def sides_at(cls, name: str, feedforward=None) -> tuple:
+        "The input side on a feedforward layer (the FFN's second layer, or what `feedforward` names), the output side elsewhere."
+        return ('in',) if is_feedforward(name, feedforward) else ('out',)
+
+    @classmethod
+    def build(cls, name, layer, feedforward=None, generator=None):
+        t = cls(layer, feedforward=feedforward, generator=generator)
+        if cls.sides_at(name, feedforward) != t.sides: t.place(cls.sides_at(name, feedforward))
         return t
 
     @classmethod
-    def count(cls, layers: dict) -> int:
-        return sum(cls.n_params(*dims(l), sides=cls.sides_at(k)) for k, l in layers.items())
+    def n_params(cls, n, m, sides=None, feedforward=None): return super().n_params(n, m, sides)
+
+    @classmethod
+    def count(cls, layers: dict, feedforward=None) -> int:
+        return sum(cls.n_params(*dims(l), sides=cls.sides_at(k, feedforward)) for k, l in layers.items())
 
 # %% ../nbs/11_mode2_singular_vectors.ipynb #c022
 @register

@@ -141,7 +141,7 @@ def edit_config(path, **changes):
 REFUSALS = [
     (dict(bias='all'), "bias='all' is not supported"),
     (dict(use_rslora='yes'), "use_rslora='yes'"),
-    (dict(rank_pattern={'query': 2}), 'rank_pattern'),
+    (dict(rank_pattern={'query': 0}), "rank_pattern={'query': 0} is not supported"),
     (dict(layers_to_transform=[0]), 'layers_to_transform=[0]'),
     (dict(init_lora_weights='pissa'), 'rewrite the base weight'),
     (dict(peft_type='LOHA'), "peft_type='LOHA'"),
@@ -190,14 +190,16 @@ def test_refusals_of_the_files(tmp_path):
 
 
 def test_ia3_side_mismatch_refused(tmp_path):
-    "PEFT's IA3 may scale the input of a layer where ours scales the output: refused, the model untouched."
+    "A layer PEFT scales on the output where its name says feedforward for us cannot be expressed: refused, untouched."
     base = tiny_model('bert')
     pm = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=['key', 'value', 'output.dense'],
                                                        feedforward_modules=['output.dense']))
     pm.save_pretrained(tmp_path / 'ia3')
+    cfg = json.loads((tmp_path / 'ia3' / PEFT_CONFIG).read_text())      # the tensors say: input side on output.dense
+    (tmp_path / 'ia3' / PEFT_CONFIG).write_text(json.dumps(dict(cfg, feedforward_modules=['intermediate.dense'])))
     model = copy.deepcopy(base)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match='attention.output.dense is a feedforward layer in the adapter'):
+    with pytest.raises(ValueError, match=r'attention.output.dense: l saved \(1, 32\), the layer needs \(32, 1\)'):
         load_peft_adapter(model, tmp_path / 'ia3')
     assert_untouched(model, snap)
 

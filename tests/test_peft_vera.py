@@ -5,6 +5,7 @@ several shapes PEFT slices one pair while we draw one pair per shape, so there P
 import pytest, torch
 from subspace_nb.inject import apply_tuning, tuners, merge
 from subspace_nb.models import tiny_model, tiny_batch
+from subspace_nb.shared import shared_factors
 
 peft = pytest.importorskip('peft')
 PREFIX = 'base_model.model.'
@@ -49,7 +50,7 @@ def test_initial_state_matches():
 def test_one_shape_same_seed_same_projections_same_outputs():
     ours = apply_tuning(tiny_model('bert'), 'vera', targets=['query', 'value'], r=4, seed=7).eval()
     theirs, layers = peft_vera(['query', 'value'], r=4, seed=7)
-    sh = ours.vera_shared
+    sh = shared_factors(ours)
     assert sh.keys == ['32x32']
     assert torch.equal(sh.A_0, theirs.base_model.vera_A['default'])             # the same kaiming-uniform draws
     assert torch.equal(sh.B_0, theirs.base_model.vera_B['default'])
@@ -69,7 +70,7 @@ def test_several_shapes_with_peft_slices():
     assert set(layers) == set(names)
     A, B = theirs.base_model.vera_A['default'], theirs.base_model.vera_B['default']
     assert A.shape == (4, 37) and B.shape == (37, 4)                             # one pair of the largest widths
-    sh = ours.vera_shared
+    sh = shared_factors(ours)
     assert not torch.equal(sh.A_0, A[:, :32])                                    # our draws differ: one pair per shape
     with torch.no_grad():                                                        # give ours PEFT's slices
         for i, key in enumerate(sh.keys):

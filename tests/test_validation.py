@@ -11,7 +11,7 @@ from subspace_nb.models import tiny_model
 
 load_all()
 NAMES = sorted(n for n in METHODS if not n.startswith('_'))
-CHOICES = {'mpc', 'act', 'feedforward'}   # default None, values named by the method (MPC_KINDS, ACTIVATIONS, layer names)
+CHOICES = {'mpc', 'act', 'feedforward', 'rank_pattern', 'alpha_pattern'}   # default None, values named by the method (MPC_KINDS, ACTIVATIONS, layer names, per-layer patterns)
 
 
 def numeric(name: str, default) -> bool:
