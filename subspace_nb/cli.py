@@ -4,16 +4,16 @@
 
 # %% ../nbs/42_cli.ipynb #c002
 from __future__ import annotations
-import sys, json, argparse, time
+import sys, json, math, argparse, inspect
 from pathlib import Path
 from .core import METHODS, load_all, get_method, taxonomy
 from .inject import check_hparams, save_tuning, show_report
-from .experiments import TASKS, glue_root, _hp
-from .sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id, eta_hours
+from .experiments import TASKS, glue_root, _hp, _clock, demo, DEFAULT_METHOD
+from .sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id, eta_hours, per_task
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'UserError', 'cmd_methods', 'train_config', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main',
-           'console']
+__all__ = ['PACE', 'START_SECONDS', 'ROWS', 'EXAMPLES', 'GLUE_DEFAULT', 'DEMO', 'UserError', 'cmd_methods', 'train_config',
+           'run_steps', 'expected_seconds', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main', 'console']
 
 # %% ../nbs/42_cli.ipynb #c005
 class UserError(Exception):
@@ -50,10 +50,37 @@ def train_config(a) -> dict:
     cfg['hp'] = cfg['hp'] | hp                                          # the user's hyper-parameters win
     return cfg
 
+# Measured (the slow cell below; the faster of two runs, as near an idle machine as a shared one gets): LoRA r=8 on the
+# embedded MiniLM with one math thread on a 2-core machine; seconds per training step at cpu-mini's batch and length
+# for the task (20 steps), and per dev example (256). Other methods took 0.8 to 1.5 times LoRA's time in the committed
+# cpu-mini runs.
+PACE = {'SST-2': (0.69, 0.011), 'MRPC': (0.70, 0.019), 'CoLA': (0.21, 0.0068), 'STS-B': (0.56, 0.016), 'RTE': (1.4, 0.031)}
+START_SECONDS = 6                         # imports, the model, the data and their tokenisation (measured the same way)
+ROWS = {'SST-2': (67349, 872), 'MRPC': (3668, 408), 'CoLA': (8551, 1043), 'STS-B': (5749, 1500), 'RTE': (2490, 277)}
+
+def run_steps(cfg: dict) -> int:
+    "The optimizer steps `train` makes for `cfg` (its rule: epochs x batches per pass over the training subset)."
+    n = min(cfg['train_size'] or ROWS[cfg['task']][0], ROWS[cfg['task']][0])
+    return max(1, round(cfg['epochs'] * math.ceil(n / cfg['batch_size'])))
+
+def expected_seconds(cfg: dict) -> float | None:
+    "Wall time of run `cfg` at the measured `PACE` (steps scaled by batch size); None off the embedded MiniLM or a task without a pace."
+    if cfg['model'] is not None or cfg['task'] not in PACE: return None
+    step, dev = PACE[cfg['task']]
+    b0 = per_task(PRESETS['cpu-mini']['batch_size'], cfg['task'])          # the batch size the pace was measured at
+    n_dev = min(cfg['dev_size'] or ROWS[cfg['task']][1], ROWS[cfg['task']][1])
+    return START_SECONDS + run_steps(cfg) * step * cfg['batch_size'] / b0 + n_dev * dev
+
 def cmd_train(a):
+    _check_method(a.method, dict(_hp(s) for s in a.hp))                 # the method first, then the task and its data
     _check_task(a.task, a.data)
     cfg = train_config(a)
-    rec = run_one(cfg, a.data)
+    if not a.quiet:
+        s, n = expected_seconds(cfg), run_steps(cfg)
+        print(f"{cfg['method']} on {a.task}: {n} step{'s' * (n != 1)} of {cfg['batch_size']} examples"
+              + (f", expected about {_clock(s)} with one math thread (see --help)" if s else '')
+              + "; progress on stderr (--quiet: none)", file=sys.stderr, flush=True)
+    rec = run_one(cfg, a.data, progress=not a.quiet)
     print(f"{rec['config']['method']} on {a.task}: dev {rec['dev']}; {rec['trainable']:,} trainable "
           f"({rec['per_mille']:.2f}‰); loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f} over {rec['steps']} steps; "
           f"{rec['seconds']:.0f} s")
@@ -64,7 +91,6 @@ def _hours(h: float) -> str: return f"about {h:.1f} h" if h >= 1 else f"about {6
 
 def cmd_sweep(a):
     for m in a.methods or []: _check_method(m, {})
-    for t in a.tasks or []: _check_task(t, a.data)
     res = sweep(a.results, a.preset, tasks=a.tasks, methods=a.methods, ranks=a.ranks, seeds=a.seeds, model=a.model,
                 root=a.data, limit=a.limit, dry=a.dry_run, workers=a.workers)
     print(f"{len(res['todo'])} runs to do, {len(res['done'])} done now, {len(res['failed'])} failed"
@@ -79,6 +105,10 @@ def cmd_sweep(a):
         for c in res['todo'][:20]:
             print(f"  {c['task']} {c['method']} r={c['budget']} seed {c['seed']} lr {c['lr']}" + (' (running)' if run_id(c) in running else ''))
         if len(res['todo']) > 20: print(f"  ... and {len(res['todo']) - 20} more")
+        for t, why in res['missing'].items():                 # a real sweep refuses to start: exit 2 here too
+            n = sum(c['task'] == t for c in res['blocked'])
+            print(f"subspace-nb sweep: no data for {t}: {why}; its {n} run{'s' * (n != 1)} cannot start", file=sys.stderr)
+        if res['missing']: return 2
     return 1 if res['failed'] else 0
 
 def cmd_table(a):
@@ -101,6 +131,9 @@ def _preset_says(key: str, preset: str = 'cpu-mini') -> str:
     if isinstance(v, (tuple, list)): return f"{v[0]} single sentences, {v[1]} pairs"   # indexed by the task's text fields
     return str(v)
 
+GLUE_DEFAULT = ('the GLUE folder (default: $SUBSPACE_GLUE, else the first shared/data/glue in the working directory '
+                'or a folder above it)')
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     "Every option's default in its help line, and the examples kept one per line."
     def _get_help_string(self, action):
@@ -113,6 +146,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):                          # one line, not the usage block: `--help` shows that
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+def _expected_says(over: dict) -> str:
+    "The help's expected times: each task's default run (cpu-mini's configuration, with `over` for `demo`) at `PACE`."
+    runs = {t: plan('cpu-mini', tasks=[t], methods=['lora'], seeds=[0], **over)[0] for t in PACE}
+    return ("expected time of the default run, with one math thread (OMP_NUM_THREADS=1) on an otherwise idle core:\n"
+            + ''.join(f"  {t:6s}{run_steps(c):4d} steps, about {expected_seconds(c) / 60:.1f} min\n" for t, c in runs.items())
+            + "at the pace measured for LoRA r=8 on the embedded MiniLM (20 training steps and 256 dev examples a task).\n"
+            "Other methods took 0.8 to 1.5 times LoRA's time in the committed cpu-mini runs; those runs, two at a time on\n"
+            "a busy 2-core machine, took up to about twice these times. The time grows with --train-size x --epochs.\n"
+            "While it runs, a line on stderr after the first step and then every 10 s gives the steps done, the loss,\n"
+            "the time elapsed and the time left (--quiet: none).")
+
+DEMO = {k: inspect.signature(demo).parameters[k].default for k in ('train_size', 'epochs', 'batch_size', 'max_len')}
+
 def parser() -> argparse.ArgumentParser:
     F = _Help
     p = _Parser(prog='subspace-nb', description='Parameter-efficient fine-tuning as subspace tuning.',
@@ -120,38 +166,40 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{methods,train,sweep,table,demo}')
     sub.add_parser('methods', help='the registered methods, their modes and parameter counts', formatter_class=F)
     for name, small in (('train', False), ('demo', True)):
-        t = sub.add_parser(name, formatter_class=F, epilog=EXAMPLES,
-                           help='tune the model on a GLUE task and evaluate it on the dev set' + (' (small defaults)' if small else ''))
-        t.add_argument('--method', default='ssb' if small else 'lora', help='a registered method, or a variant such as lora+mpc_o')
+        t = sub.add_parser(name, formatter_class=F, epilog=EXAMPLES, description=_expected_says(DEMO if small else {}),
+                           help='tune the model on a GLUE task and evaluate it on the dev set' + (" (demo's small defaults; also subspace-demo)" if small else ''))
+        t.add_argument('--method', default=DEFAULT_METHOD if small else 'lora', help='a registered method, or a variant such as lora+mpc_o')
         t.add_argument('--task', default='SST-2', help=f"a GLUE task with data: {', '.join(_tasks_with_data()) or 'none found'}")
         t.add_argument('--hp', action='append', default=[], metavar='NAME=VALUE', help='a hyper-parameter of the method (repeatable)')
         mini = 'cpu-mini\'s for the task, the run of its table cell'
-        t.add_argument('--train-size', type=int, default=500 if small else None,
+        t.add_argument('--train-size', type=int, default=DEMO['train_size'] if small else None,
                        help='training examples, a seeded subset' + ('' if small else f' (default: {mini}: {_preset_says("train_size")})'))
         t.add_argument('--dev-size', type=int, default=None, help='dev examples (default: the whole dev set)')
-        t.add_argument('--epochs', type=float, default=1 if small else None,
+        t.add_argument('--epochs', type=float, default=DEMO['epochs'] if small else None,
                        help='passes over the training subset' + ('' if small else f' (default: {mini}: {_preset_says("epochs")})'))
-        t.add_argument('--batch-size', type=int, default=None, help=f"examples per step (default: cpu-mini's: {_preset_says('batch_size')})")
+        t.add_argument('--batch-size', type=int, default=DEMO['batch_size'] if small else None,
+                       help='examples per step' + ('' if small else f" (default: cpu-mini's: {_preset_says('batch_size')})"))
         t.add_argument('--lr', type=float, default=None, help="learning rate (default: cpu-mini's rate for the method's family)")
-        t.add_argument('--max-len', type=int, default=64 if small else None,
+        t.add_argument('--max-len', type=int, default=DEMO['max_len'] if small else None,
                        help='tokens per example, longer ones cut' + ('' if small else f' (default: cpu-mini\'s: {_preset_says("max_len")})'))
         t.add_argument('--seed', type=int, default=0, help='the training subset, its order and the head initialisation')
         t.add_argument('--model', default=None, help='a Hugging Face checkpoint name or path (default: the embedded MiniLM)')
-        t.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')
+        t.add_argument('--data', default=None, help=GLUE_DEFAULT)
         t.add_argument('--results', default=None, help='append the run record to this JSONL file')
+        t.add_argument('--quiet', action='store_true', help='no expected time and no progress lines on stderr, only the result')
     s = sub.add_parser('sweep', formatter_class=F, epilog=EXAMPLES, help="run a preset's missing runs; resumable")
     s.add_argument('--preset', default='cpu-mini', choices=list(PRESETS), help='the protocol: sizes, learning rates, ranks, seeds')
     s.add_argument('--results', required=True, help='the JSONL results file (finished runs are skipped)')
-    s.add_argument('--tasks', nargs='+', default=None, help="default: the preset's tasks (those with data)")
+    s.add_argument('--tasks', nargs='+', default=None, help="default: the preset's tasks; a task without data stops the sweep before any run")
     s.add_argument('--methods', nargs='+', default=None, help='default: every registered method of the paper\'s tables, and the compositions set against DoRA')
     s.add_argument('--ranks', nargs='+', type=int, default=None, help="budgets r; default: the preset's")
     s.add_argument('--seeds', nargs='+', type=int, default=None, help="default: the preset's seeds")
     s.add_argument('--model', default=None, help="a Hugging Face checkpoint name or path; default: the preset's")
-    s.add_argument('--data', default=None, help='the GLUE folder (default: $SUBSPACE_GLUE, else shared/data/glue upward)')
+    s.add_argument('--data', default=None, help=GLUE_DEFAULT)
     s.add_argument('--limit', type=int, default=None, help='stop after this many new runs (default: no limit)')
     s.add_argument('--workers', type=int, default=1,
                    help='runs at once, each with the cores / WORKERS as its threads; sweeps sharing a results file never run a configuration twice')
-    s.add_argument('--dry-run', action='store_true', help='list what would run')
+    s.add_argument('--dry-run', action='store_true', help='list what would run, and each task without data (exit status 2)')
     tb = sub.add_parser('table', formatter_class=F, help='a results file as the paper\'s tables (mean ± s.e. over seeds)')
     tb.add_argument('--results', required=True, help='the JSONL results file')
     tb.add_argument('--tasks', nargs='+', default=None, help='columns; default: every task in the file')

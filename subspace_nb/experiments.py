@@ -4,13 +4,13 @@
 
 # %% ../nbs/40_experiments.ipynb #c002
 from __future__ import annotations
-import os, math, time, random, numbers, argparse, tempfile, contextlib
+import os, sys, math, time, random, numbers, tempfile, contextlib
 from pathlib import Path
 import torch
 from torch import nn
 import datasets
-from transformers import TrainingArguments, DataCollatorWithPadding, PrinterCallback
-from .core import get_method, METHODS, load_all
+from transformers import TrainingArguments, DataCollatorWithPadding, PrinterCallback, TrainerCallback
+from .core import get_method
 from .inject import apply_tuning, param_groups, regularizer, report, show_report, prepare, step_end, finish
 from .models import load_minilm
 from .trainer import SubspaceTrainer
@@ -32,23 +32,22 @@ TASKS = {
 
 GLUE_HELP = ("Expected the glue_data layout: <root>/<TASK>/train.tsv and dev.tsv, e.g. <root>/SST-2/train.tsv "
              "(tab-separated, as published). GLUE is at https://gluebenchmark.com/tasks (or the Hugging Face hub's "
-             "'nyu-mll/glue' when online); pass root=, set $SUBSPACE_GLUE, or place it at shared/data/glue beside "
-             "the project")
+             "'nyu-mll/glue' when online); pass root= (--data on the command line), set $SUBSPACE_GLUE, or place it "
+             "at shared/data/glue in the working directory or a folder above it")
 
 def glue_root(root=None) -> Path:
-    "The GLUE folder: `root` if given, else $SUBSPACE_GLUE if set (each used as given, never a fallback), else `shared/data/glue` found upward."
+    """The GLUE folder: `root` if given, else $SUBSPACE_GLUE if set (each used as given, never a fallback), else the
+    first `shared/data/glue` in the working directory or a folder above it; nowhere else."""
     for what, given in (('root', root), ('$SUBSPACE_GLUE', os.environ.get('SUBSPACE_GLUE'))):
         if given:
             if not Path(given).is_dir(): raise FileNotFoundError(f"{what}={str(given)!r} is not a folder. {GLUE_HELP}")
             return Path(given)
-    tried = []
-    for start in dict.fromkeys((Path.cwd(), Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd())):
-        for p in (start, *start.parents):
-            c = p / 'shared' / 'data' / 'glue'
-            tried.append(str(c))
-            if c.is_dir(): return c
-    raise FileNotFoundError(f"GLUE data not found: no root=, no $SUBSPACE_GLUE, and none of {tried[:3]} ... "
-                            f"({len(tried)} folders upward from the working directory and the package) exists. {GLUE_HELP}")
+    here = Path.cwd()
+    tried = [p / 'shared' / 'data' / 'glue' for p in (here, *here.parents)]
+    for c in tried:
+        if c.is_dir(): return c
+    raise FileNotFoundError(f"GLUE data not found: no root= given, $SUBSPACE_GLUE not set, and no shared/data/glue in "
+                            f"the working directory or above it (looked at {', '.join(map(str, tried))}). {GLUE_HELP}")
 
 def read_tsv(path: Path, header: bool = True, fields: int | None = None) -> list[dict]:
     "Rows of a GLUE TSV file as dicts (by header name, or by column index without a header); quoting off; every row checked."
@@ -185,14 +184,38 @@ def batches(tok, data: dict, batch_size: int, max_len: int, shuffle: bool = Fals
 
 def _device(model): return next(model.parameters()).device
 
+def _clock(s: float) -> str:
+    "Seconds as m:ss, or h:mm:ss from an hour on."
+    s = int(round(s)); h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+class _Progress(TrainerCallback):
+    "Lines on stderr: after the first and last steps and at most every `every` seconds, steps done, mean loss since the last line, time elapsed and left."
+    def __init__(self, losses: list, every: float = 10.0):
+        self.losses, self.every = losses, every            # `losses`: the trainer's per-step losses, as they grow
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.last = time.monotonic(); self.step0, self.seen = state.global_step, len(self.losses)
+
+    def on_step_end(self, args, state, control, **kw):
+        now, done, total = time.monotonic(), state.global_step, state.max_steps
+        if done not in (self.step0 + 1, total) and now - self.last < self.every: return
+        new, self.seen, self.last = self.losses[self.seen:], len(self.losses), now
+        took = now - self.t0                                     # pace: this session's steps (a resumed run too)
+        when = (f"done in {_clock(took)}" if done >= total else
+                f"{_clock(took)} elapsed, about {_clock(took / (done - self.step0) * (total - done))} left")
+        loss = f", loss {sum(new) / len(new):.4f}" if new else ''
+        print(f"step {done}/{total} ({100 * done / total:.0f}%){loss}; {when}", file=sys.stderr, flush=True)
+
 def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: float = 1e-3, batch_size: int = 32,
           weight_decay: float = 0.0, warmup: float = 0.06, max_len: int = 128, seed: int = 0, progress: bool = True,
-          out_dir=None, save_steps: int | None = None, resume: bool = False, max_grad_norm: float = 1.0,
-          **args) -> list[float]:
+          progress_every: float = 10.0, out_dir=None, save_steps: int | None = None, resume: bool = False,
+          max_grad_norm: float = 1.0, **args) -> list[float]:
     "Train a tuned `model` on `data` (a `load_glue` dict or a tokenised Dataset) with `SubspaceTrainer`; the per-step losses."
     for k, v, kw in (('lr', lr, {}), ('batch_size', batch_size, dict(whole=True)), ('max_len', max_len, dict(whole=True)),
                      ('weight_decay', weight_decay, dict(equal=True)), ('warmup', warmup, dict(equal=True, high=1)),
-                     ('max_grad_norm', max_grad_norm, dict(equal=True)), ('save_steps', save_steps, dict(whole=True, none=True))):
+                     ('max_grad_norm', max_grad_norm, dict(equal=True)), ('save_steps', save_steps, dict(whole=True, none=True)),
+                     ('progress_every', progress_every, dict(equal=True))):
         check_number(k, v, **kw)                                       # max_grad_norm=0: no clipping
     if steps is None: check_number('epochs', epochs)
     else: check_number('steps', steps, whole=True)
@@ -208,12 +231,13 @@ def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: flo
                                   weight_decay=weight_decay, max_steps=total, warmup_steps=int(warmup * total),
                                   lr_scheduler_type='linear', seed=seed, data_seed=seed, report_to=[],
                                   max_grad_norm=max_grad_norm,
-                                  logging_strategy='no', disable_tqdm=not progress,
+                                  logging_strategy='no', disable_tqdm=True,        # progress: `_Progress`'s lines
                                   save_strategy='steps' if save_steps else 'no', save_steps=save_steps or 500,
                                   dataloader_pin_memory=torch.cuda.is_available(), **args)
         tr = SubspaceTrainer(model=model, args=targs, train_dataset=ds.select(order), shuffle=False,
                              data_collator=DataCollatorWithPadding(tok))
-        if not progress: tr.remove_callback(PrinterCallback)            # no end-of-training metrics printout
+        tr.remove_callback(PrinterCallback)                              # no end-of-training metrics printout
+        if progress: tr.add_callback(_Progress(tr.step_losses, progress_every))
         last = None
         if resume and out_dir is not None:
             ckpts = sorted(Path(out_dir).glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1]))
@@ -280,18 +304,6 @@ def _hp(s: str):
     return k, v
 
 def demo_cli(argv=None):
-    "Command line for `demo`: subspace-demo [--method ssb] [--task SST-2] [--hp r=8] ... (exit status 0)"
-    load_all()
-    p = argparse.ArgumentParser(description=demo.__doc__)
-    p.add_argument('--method', default=DEFAULT_METHOD, help=f"one of: {', '.join(sorted(METHODS))}")
-    p.add_argument('--task', default='SST-2', choices=list(TASKS))
-    p.add_argument('--train-size', type=int, default=2000)
-    p.add_argument('--epochs', type=float, default=1)
-    p.add_argument('--lr', type=float, default=3e-3)
-    p.add_argument('--batch-size', type=int, default=32)
-    p.add_argument('--max-len', type=int, default=64)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--hp', action='append', default=[], metavar='NAME=VALUE', help='a hyper-parameter of the method')
-    a = p.parse_args(argv)
-    demo(a.method, a.task, a.train_size, a.epochs, a.lr, a.batch_size, a.max_len, a.seed,
-                **dict(_hp(s) for s in a.hp))
+    "`subspace-demo [options]`: exactly `subspace-nb demo [options]` (42_cli, which imports this module)."
+    from subspace_nb.cli import main
+    sys.exit(main(['demo', *(sys.argv[1:] if argv is None else argv)]))

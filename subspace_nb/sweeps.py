@@ -10,13 +10,13 @@ import torch
 from .core import get_method, METHODS, load_all
 from .inject import apply_tuning, report, hparams
 from .models import load_model
-from .experiments import TASKS, load_glue, num_labels, train, evaluate, to_dataset, check_number
+from .experiments import TASKS, glue_root, load_glue, num_labels, train, evaluate, to_dataset, check_number
 
 # %% auto #0
 __all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS',
            'SINGULAR_VECTOR_METHODS', 'PRESETS', 'run_id', 'append_result', 'read_results', 'finished', 'method_of',
-           'budget_hp', 'cpu_mini_lr', 'per_task', 'plan', 'source_commit', 'versions', 'run_one', 'eta_hours', 'sweep',
-           'summarise', 'results_table']
+           'budget_hp', 'cpu_mini_lr', 'per_task', 'plan', 'source_commit', 'versions', 'run_one', 'eta_hours',
+           'data_missing', 'sweep', 'summarise', 'results_table']
 
 # %% ../nbs/41_sweeps.ipynb #c005
 def run_id(cfg: dict) -> str:
@@ -161,7 +161,7 @@ def versions() -> dict:
     return dict(subspace_nb=subspace_nb.__version__, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(), commit=source_commit())
 
-def run_one(cfg: dict, root=None, out_dir=None) -> dict:
+def run_one(cfg: dict, root=None, out_dir=None, progress: bool = False) -> dict:
     "Train and evaluate one configuration of `plan`; its record."
     t0 = time.time()
     torch.manual_seed(cfg['seed'])
@@ -172,7 +172,7 @@ def run_one(cfg: dict, root=None, out_dir=None) -> dict:
     dv = load_glue(cfg['task'], 'dev', root, limit=cfg['dev_size'], seed=0)
     losses = train(model, tok, to_dataset(tr, tok, cfg['max_len']), epochs=cfg['epochs'], lr=cfg['lr'],
                    batch_size=cfg['batch_size'], warmup=cfg['warmup'], max_len=cfg['max_len'], seed=cfg['seed'],
-                   progress=False, out_dir=out_dir, save_steps=500 if out_dir else None, resume=out_dir is not None)
+                   progress=progress, out_dir=out_dir, save_steps=500 if out_dir else None, resume=out_dir is not None)
     dev = evaluate(model, tok, dv, max_len=cfg['max_len'], every=True)
     rep, k = report(model), max(1, len(losses) // 10)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
@@ -249,14 +249,32 @@ def _run_claimed(c: dict, path, root, env, say) -> str:
     finally:
         os.close(fd)
 
+def data_missing(tasks, root=None) -> dict:
+    "Task -> which of its files (train.tsv, dev.tsv) are missing from `glue_root(root)`, for those of `tasks` that lack any."
+    base, out = glue_root(root), {}                               # no GLUE folder at all: glue_root's error
+    for t in dict.fromkeys(tasks):
+        gone = [str(base / t / f'{s}.tsv') for s in ('train', 'dev') if not (base / t / f'{s}.tsv').is_file()]
+        if gone: out[t] = ' and '.join(gone) + (' are' if len(gone) > 1 else ' is') + ' missing'
+    return out
+
 def sweep(path, preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=None, model=None, root=None,
           limit: int | None = None, dry: bool = False, workers: int = 1, **over) -> dict:
     """Run the configurations of `plan(...)` missing from results file `path`, each in its own process, `workers` at a time.
-    `dry=True` runs nothing and adds `running`: the missing ones another process is running now."""
+    `dry=True` runs nothing and adds `running`: the missing ones another process is running now, and `missing` and
+    `blocked`: the tasks without data (task: what is missing) and their runs, which a real sweep refuses to start."""
     if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers={workers!r}: expected a whole number, 1 or more")
     check_number('limit', limit, whole=True, equal=True, none=True)                 # 0: plan only, run nothing
     todo = [c for c in plan(preset, tasks, methods, ranks, seeds, model, **over) if run_id(c) not in finished(path)]
-    if dry: return dict(todo=todo, done=[], failed=[], skipped=[], running=[c for c in todo if _claimed(path, c)])
+    missing = data_missing([c['task'] for c in todo], root) if todo else {}
+    blocked = [c for c in todo if c['task'] in missing]
+    if dry:
+        todo = [c for c in todo if c['task'] not in missing]
+        return dict(todo=todo, done=[], failed=[], skipped=[], running=[c for c in todo if _claimed(path, c)],
+                    missing=missing, blocked=blocked)
+    if missing:
+        raise FileNotFoundError(f"no run started: {len(blocked)} of the {len(todo)} runs to do are on tasks without data ("
+                                + '; '.join(f"{t}: {why}" for t, why in missing.items()) + "). Sweep only tasks with "
+                                "data (tasks=, --tasks), or point root= (--data) or $SUBSPACE_GLUE at a GLUE folder that has them")
     out, queue, lock = dict(todo=todo, done=[], failed=[], skipped=[]), list(todo[:limit]), threading.Lock()
     env = os.environ | dict(TOKENIZERS_PARALLELISM='false')
     if workers > 1 and 'OMP_NUM_THREADS' not in os.environ: env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
