@@ -8,7 +8,6 @@ import os, sys, math, time, random, numbers, tempfile, contextlib
 from pathlib import Path
 import torch
 from torch import nn
-import datasets
 from transformers import TrainingArguments, DataCollatorWithPadding, PrinterCallback, TrainerCallback
 from .core import get_method
 from .inject import apply_tuning, param_groups, regularizer, report, show_report, prepare, step_end, finish
@@ -139,6 +138,7 @@ def hub_glue(task: str, split: str = 'train', limit: int | None = None, seed: in
     "A GLUE split from the Hugging Face hub (`nyu-mll/glue`; needs a network) as a `load_glue` dict."
     if task not in HUB_NAMES: raise ValueError(f"task={task!r}: expected one of {list(HUB_NAMES)}")
     check_number('limit', limit, whole=True, none=True)
+    import datasets                                  # imported where used: the tuners alone need no `datasets`
     ds = datasets.load_dataset('nyu-mll/glue', HUB_NAMES[task], split={'train': 'train', 'dev': 'validation'}[split])
     if limit is not None and limit < len(ds): ds = ds.select(sorted(random.Random(seed).sample(range(len(ds)), limit)))
     cols = [c for c in ds.column_names if c not in ('label', 'idx')]
@@ -146,6 +146,7 @@ def hub_glue(task: str, split: str = 'train', limit: int | None = None, seed: in
 
 @contextlib.contextmanager
 def _quiet_datasets():
+    import datasets
     on = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
     try: yield
@@ -158,6 +159,7 @@ def to_dataset(data: dict, tok, max_len: int = 128) -> datasets.Dataset:
     cols = dict(a=data['a'], labels=[float(v) if reg else int(v) for v in data['y']])
     if data['b'] is not None: cols['b'] = data['b']
     enc = lambda x: tok(x['a'], x['b'] if 'b' in x else None, truncation=True, max_length=max_len)
+    import datasets
     with _quiet_datasets():
         return datasets.Dataset.from_dict(cols).map(enc, batched=True, remove_columns=[c for c in ('a', 'b') if c in cols])
 
@@ -219,6 +221,7 @@ def train(model, tok, data, epochs: float = 1, steps: int | None = None, lr: flo
         check_number(k, v, **kw)                                       # max_grad_norm=0: no clipping
     if steps is None: check_number('epochs', epochs)
     else: check_number('steps', steps, whole=True)
+    import datasets
     ds = data if isinstance(data, datasets.Dataset) else to_dataset(data, tok, max_len)
     if len(ds) == 0: raise ValueError("data: no examples to train on")
     total = steps if steps is not None else max(1, round(epochs * math.ceil(len(ds) / batch_size)))
