@@ -111,4 +111,4 @@ clean:
 # a plumbing check at toy size: make bench BENCH_ARGS=--quick;  some parts: make bench BENCH_ARGS='--parts steps,memory'
 .PHONY: bench
 bench: install
-	$(PY) -c "from subspace_nb.bench import main; main()" $(BENCH_ARGS)
+	$(PY) -c "from subspace_nb.studies.bench import main; main()" $(BENCH_ARGS)

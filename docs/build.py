@@ -176,14 +176,20 @@ def class_members(cls, module: str, syms: dict, pages: dict) -> list[str]:
 
 
 def source_notebook(mod) -> str | None:
-    m = re.search(r'File to edit: \.\./nbs/(\S+?\.ipynb)', Path(mod.__file__).read_text(encoding='utf-8'))
+    m = re.search(r'File to edit: (?:\.\./)+nbs/(\S+?\.ipynb)', Path(mod.__file__).read_text(encoding='utf-8'))
     return m[1] if m else None
+
+
+def page_name(mod) -> str:
+    "The API page of a module: its path below the package, dots as dashes (`extension-lora`)."
+    return mod.__name__.partition('.')[2].replace('.', '-')
 
 
 def package_modules(lib: str) -> list:
     "The package's modules that nbdev exports from a notebook, in notebook order."
     sys.path.insert(0, str(ROOT))
-    mods = [importlib.import_module(f'{lib}.{p.stem}') for p in sorted((ROOT / lib).glob('*.py')) if not p.stem.startswith('_')]
+    names = ['.'.join(p.relative_to(ROOT).with_suffix('').parts) for p in sorted((ROOT / lib).rglob('*.py'))]
+    mods = [importlib.import_module(n) for n in names if not n.rpartition('.')[2].startswith('_')]   # subpackages too
     mods = [m for m in mods if hasattr(m, '__all__') and source_notebook(m)]
     return sorted(mods, key=source_notebook)
 
@@ -276,12 +282,12 @@ def main(argv=None):
     # the home page carries the sidebar: one caption per part of the paper, then the API reference
     parts = [*PARTS.values(), OTHER]
     trees = [toctree(part, nav[part]) for part in parts if part in nav]
-    trees.append(toctree('API reference', [f'api/{m.__name__.rpartition(".")[2]}' for m in mods]))
+    trees.append(toctree('API reference', [f'api/{page_name(m)}' for m in mods]))
     index['cells'].append({'cell_type': 'markdown', 'id': 'sitenav', 'metadata': {}, 'source': '\n'.join(trees)})
     write_if_changed(STAGE / 'index.ipynb', json.dumps(index, indent=1, ensure_ascii=False))
 
     for m in mods:
-        write_if_changed(STAGE / 'api' / f'{m.__name__.rpartition(".")[2]}.md', api_page(m, syms, pages))
+        write_if_changed(STAGE / 'api' / f'{page_name(m)}.md', api_page(m, syms, pages))
     wanted.add('api')
     for f in list(STAGE.iterdir()):                           # notebooks removed since the last build
         if f.name not in wanted: shutil.rmtree(f) if f.is_dir() else f.unlink()

@@ -8,12 +8,13 @@ import sys, json, math, argparse, inspect
 from pathlib import Path
 from .core import METHODS, load_all, get_method, taxonomy
 from .inject import check_hparams, save_tuning, show_report
-from .experiments import TASKS, glue_root, _hp, _clock, demo, DEFAULT_METHOD
-from .sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id, eta_hours, per_task
+from .studies.experiments import TASKS, glue_root, _hp, _clock, demo, DEFAULT_METHOD
+from .studies.sweeps import PRESETS, plan, sweep, run_one, read_results, results_table, append_result, run_id, eta_hours, per_task
 
 # %% auto #0
 __all__ = ['PACE', 'START_SECONDS', 'ROWS', 'EXAMPLES', 'GLUE_DEFAULT', 'DEMO', 'UserError', 'cmd_methods', 'train_config',
-           'run_steps', 'expected_seconds', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main', 'console']
+           'run_steps', 'expected_seconds', 'cmd_train', 'cmd_sweep', 'cmd_table', 'parser', 'main', 'console',
+           'demo_cli']
 
 # %% ../nbs/42_cli.ipynb #c005
 class UserError(Exception):
@@ -25,7 +26,7 @@ def _tasks_with_data(root=None, split='train') -> list[str]:
     return [t for t in TASKS if (base / t / f'{split}.tsv').is_file()]
 
 def _check_method(label: str, hp: dict) -> tuple[str, dict]:
-    from subspace_nb.sweeps import method_of
+    from subspace_nb.studies.sweeps import method_of
     name, extra = method_of(label)
     check_hparams(get_method(name), hp | extra)
     return name, extra
@@ -217,3 +218,7 @@ def main(argv=None) -> int:
 
 def console():
     sys.exit(main())
+
+def demo_cli(argv=None):
+    "`subspace-demo [options]`: exactly `subspace-nb demo [options]`."
+    sys.exit(main(['demo', *(sys.argv[1:] if argv is None else argv)]))

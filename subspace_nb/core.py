@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import math, re, importlib, pkgutil, warnings, difflib
+import math, re, inspect, importlib, pkgutil, warnings, difflib
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODES', 'HEAD_NAMES', 'METHODS', 'HP_RANGES', 'is_conv1d', 'is_linear', 'dims', 'weight_of', 'set_weight_', 'svd',
-           'svd_top', 'pinv', 'orth', 'principal_angles', 'project', 'captured', 'effective_rank', 'Tuner',
-           'check_rank', 'in_any', 'head_names', 'shares_storage', 'output_layers', 'linear_names', 'find_targets',
-           'register', 'load_all', 'get_method', 'taxonomy', 'Range', 'hp_range', 'value_ranges', 'check_values']
+__all__ = ['MODES', 'HEAD_NAMES', 'METHODS', 'RESOLVERS', 'HP_RANGES', 'is_conv1d', 'is_linear', 'dims', 'weight_of',
+           'set_weight_', 'svd', 'svd_top', 'pinv', 'orth', 'principal_angles', 'project', 'captured', 'effective_rank',
+           'Tuner', 'check_rank', 'in_any', 'head_names', 'shares_storage', 'output_layers', 'linear_names',
+           'find_targets', 'register', 'load_all', 'get_method', 'taxonomy', 'Range', 'hp_range', 'value_ranges',
+           'hparams', 'check_values']
 
 # %% ../nbs/00_core.ipynb #c005
 def is_conv1d(layer) -> bool:
@@ -117,6 +118,7 @@ class Tuner(nn.Module):
     reg_mean: bool = False     # `regularizer()` is averaged over the model's layers, not summed (MPC, eq. 20-21)
     targets = 'all-linear'     # default targets (see `find_targets`)
     is_tuning = True           # its parameters (outside `base`) were added by tuning, and are saved with it
+    swappable = False          # wraps=False, yet all it adds lives in its tuners (shared factors): named tunings can set it aside
     bounds: dict = {}          # hyper-parameter name -> `Range`, where the method differs from `HP_RANGES`
 
     def __init__(self, base: nn.Module, generator: torch.Generator | None = None):
@@ -368,11 +370,13 @@ def register(cls):
     METHODS[cls.name] = cls
     return cls
 
+RESOLVERS: list = []   # functions name -> class or None for names built from others ('f,g': 31_composition puts one here)
+
 def load_all():
-    "Import every module of the package so that each registers its methods."
-    import subspace_nb
-    for m in pkgutil.iter_modules(subspace_nb.__path__):
-        if not m.name.startswith('_'): importlib.import_module(f'subspace_nb.{m.name}')
+    "Import every module of the package, subpackages included, so that each registers its methods."
+    root = importlib.import_module('subspace_nb')      # found at run time, like plugins: core imports no method module
+    for m in pkgutil.walk_packages(root.__path__, 'subspace_nb.'):
+        if not any(p.startswith('_') for p in m.name.split('.')): importlib.import_module(m.name)
 
 def get_method(name) -> type:
     "The registered class for `name` (or `name` itself if it is a registered class); `'f,g'` or `[f, g]`: a composition."
@@ -380,11 +384,9 @@ def get_method(name) -> type:
     if isinstance(name, (list, tuple)): name = ','.join(get_method(p).name for p in name)
     if not isinstance(name, str): raise TypeError(f"method={name!r}: expected a method name such as 'lora', or [f, g]")
     if name not in METHODS: load_all()
-    if name not in METHODS and ',' in name:                            # g(f(W)) of two methods: nbs/31_composition
-        parts = name.split(',')
-        if len(parts) != 2: raise ValueError(f"method={name!r}: a composition is two methods, 'f,g' or [f, g]")
-        from subspace_nb.composition import compose
-        return compose(*parts)
+    for resolve in RESOLVERS if name not in METHODS else ():          # e.g. g(f(W)) of two methods: nbs/31_composition
+        cls = resolve(name)
+        if cls is not None: return cls
     if name not in METHODS:
         known = {k.lower(): k for k in METHODS}
         close = [known[k] for k in difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)]
@@ -472,9 +474,16 @@ def value_ranges(cls, name: str, default) -> tuple | None:
         raise TypeError(f"{cls.name}: the range of {name} declares no type and its default {default!r} gives none")
     return tuple(a.of(kind) for a in alts)
 
+def hparams(cls) -> dict:
+    "Name -> default of the hyper-parameters `cls` accepts (a composition: those of its parts)."
+    if getattr(cls, 'parts', ()): return {k: v for P in cls.parts for k, v in hparams(P).items()}
+    f = cls.__init__ if cls.wraps else cls.attach
+    skip = {'self', 'cls', 'base', 'model', 'layers', 'generator'}
+    return {k: p.default for k, p in inspect.signature(f).parameters.items()
+            if k not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
 def check_values(cls, hp: dict):
     "Raise unless each value in `hp` has the type and range its hyper-parameter accepts; the error names the method, the parameter, the value and what is accepted."
-    from subspace_nb.inject import hparams            # the signature's defaults (inject builds on core)
     defaults = hparams(cls)
     for k, v in hp.items():
         if k not in defaults: continue                 # an unknown name: `check_hparams` lists the known ones

@@ -13,7 +13,7 @@ from .core import *
 from .core import _short
 
 # %% auto #0
-__all__ = ['HOOKS', 'WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'hparams', 'check_hparams', 'ProtocolWarning',
+__all__ = ['HOOKS', 'WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'check_hparams', 'ProtocolWarning',
            'protocol_hooks', 'regularizer', 'reg_share', 'tuners', 'default_trainable', 'layer_shapes', 'apply_tuning',
            'added_params', 'report', 'show_report', 'shared_weights', 'merge', 'unmerge', 'remove_tuning',
            'disable_tuning', 'tuning_state', 'base_record', 'save_tuning', 'check_config', 'read_tuning', 'load_tuning',
@@ -21,14 +21,6 @@ __all__ = ['HOOKS', 'WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS
            'prepare', 'step_end', 'finish', 'FullFT']
 
 # %% ../nbs/01_inject.ipynb #c005
-def hparams(cls) -> dict:
-    "Name -> default of the hyper-parameters `cls` accepts (a composition: those of its parts)."
-    if getattr(cls, 'parts', ()): return {k: v for P in cls.parts for k, v in hparams(P).items()}
-    f = cls.__init__ if cls.wraps else cls.attach
-    skip = {'self', 'cls', 'base', 'model', 'layers', 'generator'}
-    return {k: p.default for k, p in inspect.signature(f).parameters.items()
-            if k not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-
 def check_hparams(cls, hp: dict):
     "Raise if `hp` names a hyper-parameter `cls` does not take, or gives one a value of the wrong type or range."
     known = hparams(cls)

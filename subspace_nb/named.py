@@ -12,7 +12,6 @@ from .core import *
 from .core import _short
 from .inject import (apply_tuning, remove_tuning, tuners, report, save_tuning, load_tuning, read_tuning,
                                 check_hparams, default_trainable, regularize_loss, _set_module)
-from .shared import Shared
 
 # %% auto #0
 __all__ = ['DEFAULT_TUNING', 'TUNINGS_INDEX', 'switchable', 'tuning_names', 'active_tuning', 'add_tuning', 'set_tuning',
@@ -24,7 +23,7 @@ DEFAULT_TUNING, TUNINGS_INDEX = 'default', 'tunings.json'
 def switchable(method) -> bool:
     "Whether a tuning of `method` lives wholly in modules (tuners in its layers, shared factors), so it can be set aside and brought back."
     cls = get_method(method)
-    return cls.wraps or issubclass(cls, Shared)
+    return cls.wraps or cls.swappable
 
 def _registry(model) -> dict | None:
     "The model's named tunings (None: it has none), checked against the tuning inject's functions see (`model.subspace`)."

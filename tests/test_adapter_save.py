@@ -5,7 +5,7 @@ import pytest, torch
 import transformers
 from subspace_nb.inject import (apply_tuning, save_tuning, load_tuning, from_pretrained, CONFIG, FORMAT, _pathlike)
 from subspace_nb.models import tiny_model, tiny_batch, quiet_transformers
-import subspace_nb.lora, subspace_nb.mode2
+import subspace_nb.extension.lora, subspace_nb.reconstruction.mode2
 
 
 def trained(m, name='lora', **hp):

@@ -6,7 +6,7 @@ import copy
 import pytest, torch
 from torch import nn
 from subspace_nb.core import METHODS, load_all, get_method
-from subspace_nb.composition import compose, RECONSTRUCTION
+from subspace_nb.combination.composition import compose, RECONSTRUCTION
 from subspace_nb.inject import apply_tuning, tuners, added_params, merge, unmerge, save_tuning, load_tuning, report, remove_tuning
 from subspace_nb.models import tiny_model, tiny_batch
 

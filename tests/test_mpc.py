@@ -6,7 +6,7 @@ from subspace_nb.core import get_method
 from subspace_nb.inject import (apply_tuning, tuners, merge, unmerge, remove_tuning, save_tuning, load_tuning,
                                 regularizer, step_end)
 from subspace_nb.models import tiny_model, tiny_batch
-from subspace_nb.mpc import MPC, MPC_WEIGHT
+from subspace_nb.extension.mpc import MPC, MPC_WEIGHT
 
 NAMES = ('lora', 'trilora', 'adalora', 'flora')
 KINDS = ('o', 'd', 'n')
@@ -103,7 +103,7 @@ def test_save_load_reproduces_outputs(name, mpc, arch, tmp_path):
 
 @pytest.mark.parametrize('mpc', (None, 'o', 'd', 'n'))
 def test_adalora_allocator_runs_with_every_mpc(mpc):
-    from subspace_nb.lora_family import adalora_ranks
+    from subspace_nb.extension.lora_family import adalora_ranks
     m = tuned('adalora', mpc, 'bert', r=4, target_r=2, init_warmup=2, final_warmup=3)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     x, y = tiny_batch(n=6, seed=2), torch.tensor([0, 1, 0, 1, 1, 0])
@@ -142,7 +142,7 @@ def test_mpc_weight_does_not_grow_with_depth():
 
 def test_composition_weighs_each_part_by_its_own_rule():
     "Diff pruning's L0 term is a sum over layers, MPC's a mean: in f,g each keeps its rule."
-    from subspace_nb.composition import compose
+    from subspace_nb.combination.composition import compose
     compose('diff-pruning', 'lora')
     m = apply_tuning(tiny_model('bert'), 'diff-pruning,lora', mpc='o')
     ts = list(tuners(m).values())

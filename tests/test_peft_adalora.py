@@ -6,7 +6,7 @@ import pytest, torch
 import peft                                   # a test-only dependency (dev extra)
 from peft import AdaLoraConfig, get_peft_model
 from subspace_nb.inject import apply_tuning, tuners, regularizer
-from subspace_nb.lora_family import AdaLoRA, adalora_budget
+from subspace_nb.extension.lora_family import AdaLoRA, adalora_budget
 from subspace_nb.models import tiny_model, tiny_batch
 
 R, TARGET, ALPHA, TOTAL, TI, TF = 4, 2, 8, 40, 5, 10

@@ -5,12 +5,12 @@ import copy, json, math
 import pytest, torch
 from peft import LoraConfig, IA3Config, PeftModel, get_peft_model   # imported, never skipped
 from safetensors.torch import load_file, save_file
-from subspace_nb.analysis import (load_peft_adapter, save_peft_adapter, read_peft_adapter, delta_weights, layer_analysis,
-                                  PEFT_CONFIG, PEFT_WEIGHTS)
+from subspace_nb.peft_adapters import load_peft_adapter, save_peft_adapter, read_peft_adapter, PEFT_CONFIG, PEFT_WEIGHTS
+from subspace_nb.studies.analysis import delta_weights, layer_analysis
 from subspace_nb.inject import apply_tuning, tuners, default_trainable
-from subspace_nb.mode2 import IA3, FFN_DOWN
+from subspace_nb.reconstruction.mode2 import IA3, FFN_DOWN
 from subspace_nb.models import ARCHS, tiny_model, tiny_batch, load_minilm
-import subspace_nb.lora, subspace_nb.combination  # noqa: F401  (register the methods)
+import subspace_nb.extension.lora, subspace_nb.combination.decomposed  # noqa: F401  (register the methods)
 
 LORA_TARGETS = {'bert': ['query', 'value', 'intermediate.dense'], 'roberta': ['query', 'key', 'output.dense'],
                 'deberta-v2': ['query_proj', 'value_proj'], 'gpt2': ['c_attn', 'c_fc', 'c_proj'],

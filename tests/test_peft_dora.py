@@ -9,7 +9,7 @@ import pytest, torch
 from peft import LoraConfig, get_peft_model   # a test-only dependency (dev extra): imported, never skipped
 from subspace_nb.inject import apply_tuning, tuners, remove_tuning
 from subspace_nb.models import ARCHS, tiny_model, tiny_batch, load_minilm
-import subspace_nb.combination  # noqa: F401  (registers the methods)
+import subspace_nb.combination.decomposed  # noqa: F401  (registers the methods)
 
 
 def peft_layer(pm, name):

@@ -3,7 +3,7 @@ import copy, re
 import pytest, torch
 import peft                                   # a test-only dependency (dev extra)
 from subspace_nb.inject import apply_tuning, tuners
-from subspace_nb.mode2 import IA3, FFN_DOWN
+from subspace_nb.reconstruction.mode2 import IA3, FFN_DOWN
 from subspace_nb.models import load_minilm
 
 

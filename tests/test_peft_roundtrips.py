@@ -6,12 +6,12 @@ import copy, json
 import pytest, torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, VeraConfig, get_peft_model   # imported, never skipped
 from safetensors.torch import load_file, save_file
-from subspace_nb.analysis import load_peft_adapter, save_peft_adapter, PEFT_CONFIG, PEFT_WEIGHTS
+from subspace_nb.peft_adapters import load_peft_adapter, save_peft_adapter, PEFT_CONFIG, PEFT_WEIGHTS
 from subspace_nb.inject import apply_tuning, tuners, hparams, remove_tuning
 from subspace_nb.core import get_method
-from subspace_nb.mode2 import PEFT_IA3
+from subspace_nb.reconstruction.mode2 import PEFT_IA3
 from subspace_nb.models import tiny_model, tiny_batch
-import subspace_nb.lora_family, subspace_nb.shared, subspace_nb.combination  # noqa: F401  (register the methods)
+import subspace_nb.extension.lora_family, subspace_nb.extension.shared, subspace_nb.combination.decomposed  # noqa: F401  (register the methods)
 
 X = tiny_batch()
 
@@ -90,7 +90,7 @@ def test_ia3_peft_default_placement_both_ways(tmp_path):
 def test_ia3_paper_placement_keeps_its_record(tmp_path):
     "An adapter with the paper's placement loads as a plain `ia3` (no feedforward hyper-parameter recorded)."
     base = tiny_model('bert')
-    from subspace_nb.mode2 import IA3, FFN_DOWN
+    from subspace_nb.reconstruction.mode2 import IA3, FFN_DOWN
     ours, _ = peft_to_ours(base, IA3Config(target_modules=IA3.targets, feedforward_modules=FFN_DOWN), tmp_path)
     assert ours.subspace['hp'] == {}
 
@@ -173,7 +173,7 @@ def test_adalora_pruned_peft_to_ours(tmp_path):
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / 'theirs')
     torch.testing.assert_close(logits(reloaded), y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits(ours), y, rtol=1e-5, atol=1e-5)
-    from subspace_nb.lora_family import adalora_ranks
+    from subspace_nb.extension.lora_family import adalora_ranks
     assert sorted(adalora_ranks(ours).values()) == sorted(sum(m) for m in masks.values())
 
 
@@ -183,7 +183,7 @@ def test_adalora_ours_to_peft(state, tmp_path):
     base = tiny_model('bert')
     mine = moved(apply_tuning(copy.deepcopy(base), 'adalora', r=4, target_r=2, alpha=8, init_warmup=0.1, seed=1))
     if state != 'full':
-        from subspace_nb.lora_family import AdaLoRA
+        from subspace_nb.extension.lora_family import AdaLoRA
         ts = list(tuners(mine).values())
         for i, t in enumerate(ts):
             t._ema = {k: (torch.rand(p.shape, generator=torch.Generator().manual_seed(i)), torch.ones(p.shape))

@@ -5,7 +5,7 @@ several shapes PEFT slices one pair while we draw one pair per shape, so there P
 import pytest, torch
 from subspace_nb.inject import apply_tuning, tuners, merge
 from subspace_nb.models import tiny_model, tiny_batch
-from subspace_nb.shared import shared_factors
+from subspace_nb.extension.shared import shared_factors
 
 peft = pytest.importorskip('peft')
 PREFIX = 'base_model.model.'

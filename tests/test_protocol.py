@@ -10,7 +10,7 @@ from subspace_nb.inject import (apply_tuning, tuners, regularizer, regularize_lo
                                 finish, ProtocolWarning, remove_tuning)
 from subspace_nb.models import tiny_model, tiny_batch, TinyRows, load_minilm
 from subspace_nb.trainer import SubspaceTrainer
-from subspace_nb.experiments import train
+from subspace_nb.studies.experiments import train
 
 load_all()
 NAMES = sorted(n for n in METHODS if not n.startswith('_'))
