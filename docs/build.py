@@ -292,7 +292,7 @@ def main(argv=None):
     for f in list(STAGE.iterdir()):                           # notebooks removed since the last build
         if f.name not in wanted: shutil.rmtree(f) if f.is_dir() else f.unlink()
     for f in (STAGE / 'api').iterdir():
-        if f.stem not in {m.__name__.rpartition('.')[2] for m in mods}: f.unlink()
+        if f.stem not in {page_name(m) for m in mods}: f.unlink()
 
     vendor_mathjax(STAGE / '_static' / 'mathjax')
 
