@@ -91,7 +91,8 @@ def cmd_train(a):
 def _hours(h: float) -> str: return f"about {h:.1f} h" if h >= 1 else f"about {60 * h:.0f} min" if 60 * h >= 1 else 'under a minute'
 
 def cmd_sweep(a):
-    for m in a.methods or []: _check_method(m, {})
+    if 'arms' not in PRESETS[a.preset]:                                  # a preset of arms checks its own labels (plan)
+        for m in a.methods or []: _check_method(m, {})
     res = sweep(a.results, a.preset, tasks=a.tasks, methods=a.methods, ranks=a.ranks, seeds=a.seeds, model=a.model,
                 root=a.data, limit=a.limit, dry=a.dry_run, workers=a.workers)
     print(f"{len(res['todo'])} runs to do, {len(res['done'])} done now, {len(res['failed'])} failed"
@@ -192,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--preset', default='cpu-mini', choices=list(PRESETS), help='the protocol: sizes, learning rates, ranks, seeds')
     s.add_argument('--results', required=True, help='the JSONL results file (finished runs are skipped)')
     s.add_argument('--tasks', nargs='+', default=None, help="default: the preset's tasks; a task without data stops the sweep before any run")
-    s.add_argument('--methods', nargs='+', default=None, help='default: every registered method of the paper\'s tables, and the compositions set against DoRA')
+    s.add_argument('--methods', nargs='+', default=None, help='default: every registered method of the paper\'s tables, and the compositions set against DoRA (or the preset\'s arm labels)')
     s.add_argument('--ranks', nargs='+', type=int, default=None, help="budgets r; default: the preset's")
     s.add_argument('--seeds', nargs='+', type=int, default=None, help="default: the preset's seeds")
     s.add_argument('--model', default=None, help="a Hugging Face checkpoint name or path; default: the preset's")

@@ -14,9 +14,10 @@ from .experiments import TASKS, glue_root, load_glue, num_labels, train, evaluat
 
 # %% auto #0
 __all__ = ['TABLE6', 'PAPER_METHODS', 'COMPOSITIONS', 'SWEEP_METHODS', 'VARIANTS', 'VECTOR_METHODS', 'PROMPT_METHODS',
-           'SINGULAR_VECTOR_METHODS', 'PRESETS', 'run_id', 'append_result', 'read_results', 'finished', 'method_of',
-           'budget_hp', 'cpu_mini_lr', 'per_task', 'plan', 'source_commit', 'versions', 'run_one', 'eta_hours',
-           'data_missing', 'sweep', 'summarise', 'results_table']
+           'SINGULAR_VECTOR_METHODS', 'PRESETS', 'BUDGET_TOL', 'HYPOTHESIS_ARMS', 'run_id', 'append_result',
+           'read_results', 'finished', 'method_of', 'budget_hp', 'cpu_mini_lr', 'per_task', 'plan', 'arm_count',
+           'arm_missing', 'arm_plan', 'source_commit', 'versions', 'run_one', 'eta_hours', 'data_missing', 'sweep',
+           'summarise', 'results_table']
 
 # %% ../../nbs/41_sweeps.ipynb #c005
 def run_id(cfg: dict) -> str:
@@ -70,7 +71,7 @@ PAPER_METHODS = ['full', 'sam-parser', 'ia3', 'ssl', 'ssb', 'bitfit', 'prompt-tu
 COMPOSITIONS = ['ssb,lora', 'ia3,lora']      # g(f(W)) pairs no anchor offers (31_composition), set against DoRA
 SWEEP_METHODS = PAPER_METHODS + COMPOSITIONS
 VARIANTS = {'mpc_o': dict(mpc='o'), 'mpc_d': dict(mpc='d'), 'mpc_n': dict(mpc='n')}
-VECTOR_METHODS = {'sam-parser', 'ia3', 'ssl', 'ssb', 'bitfit', 'vera'}
+VECTOR_METHODS = {'sam-parser', 'ia3', 'ssl', 'ssb', 'bitfit', 'vera', 'ln-tuning'}   # ln-tuning: LayerNorm gains and biases
 PROMPT_METHODS = {'prompt-tuning', 'prefix-tuning'}
 SINGULAR_VECTOR_METHODS = {'spectral'}  # trains offsets added to unit singular vectors: 1e-3 swamps them (51)
 
@@ -121,6 +122,9 @@ def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=N
     bad = sorted(set(over) - set(P))
     if bad: raise ValueError(f"unknown settings {bad}; a preset has {sorted(P)}")
     P.update({k: v for k, v in over.items() if v is not None})
+    if 'arms' in P:                                                       # a preset of named arms: its own plan
+        if ranks: raise ValueError(f"ranks={ranks!r}: preset {preset!r} fixes each arm's budget ({', '.join(P['arms'])})")
+        return [_checked(c) for c in arm_plan(preset, P, tasks, seeds, methods, model)]
     tasks, ranks, seeds = tasks or P['tasks'], ranks or P['ranks'], seeds or P['seeds']
     methods = methods or [m for m in SWEEP_METHODS if m.partition('+')[0] in (load_all() or METHODS)]
     for t in tasks:
@@ -142,6 +146,72 @@ def plan(preset: str = 'cpu-mini', tasks=None, methods=None, ranks=None, seeds=N
                                budget=r if 'r' in hp else None, seed=s, train_size=per_task(P['train_size'], t),
                                batch_size=per_task(P['batch_size'], t), warmup=P['warmup'], dev_size=P['dev_size'], **prot)
                     out.append(_checked(cfg))
+    return out
+
+# %% ../../nbs/41_sweeps.ipynb #c010b
+BUDGET_TOL = 0.07      # how far a matched arm's trainable count may sit from LoRA r = 8's, as a fraction
+HYPOTHESIS_ARMS = {    # label: (registered method, hyper-parameters, multiple of its cpu-mini rate, matched to LoRA r=8?)
+    'lora': ('lora', dict(r=8), 1, True),          # LoRA, the SVD starts, DoRA, gain control: the first runs
+    'pissa': ('pissa', dict(r=8), 1, True),
+    'milora': ('milora', dict(r=8), 1, True),
+    'dora': ('dora', dict(r=8), 1, True),
+    'ia3': ('ia3', {}, 1, False),
+    'vera': ('vera', {}, 1, False),
+    'ssb': ('ssb', {}, 1, False),
+    'lora@10x': ('lora', dict(r=8), 10, True),
+    'oft': ('oft', dict(block_size=32), 1, True),
+    'oft@10x': ('oft', dict(block_size=32), 10, True),
+    'hra': ('hra', dict(r=16), 1, True),
+    'hra@10x': ('hra', dict(r=16), 10, True),
+    'delora': ('delora', dict(r=8), 1, True),
+    'ln-tuning': ('ln-tuning', {}, 1, False),
+    'randlora': ('randlora', dict(r=16), 1, True),
+    'c3a': ('c3a', dict(block_size=32), 1, True),
+}
+PRESETS['hypotheses'] = dict(PRESETS['cpu-mini'], tasks=['SST-2', 'STS-B'], seeds=[0, 1, 2, 3, 4], arms=HYPOTHESIS_ARMS)
+
+def arm_count(name: str, hp: dict, model=None) -> int:
+    "Trainable parameters of method `name` with `hp` on `model` (default: the embedded MiniLM), by the method's formula."
+    cls = get_method(name)
+    if model is None: model, _ = load_model(None)
+    from subspace_nb.inject import default_trainable
+    return cls.count(cls.select(model, cls.targets, exclude=default_trainable(model)), **hp)
+
+def arm_missing(arms=None, model=None) -> dict:
+    "Label -> why the arm cannot run yet (method not registered, hyper-parameters it does not take, budget off LoRA r=8's)."
+    load_all()
+    arms = HYPOTHESIS_ARMS if arms is None else arms
+    out, ref = {}, None
+    for label, (name, hp, _, matched) in arms.items():
+        if name not in METHODS: out[label] = f"{name!r} is not registered"; continue
+        bad = sorted(set(hp) - set(hparams(get_method(name))))
+        if bad: out[label] = f"{name!r} takes no {bad} (it takes {sorted(hparams(get_method(name)))})"; continue
+        if matched:
+            if model is None: model, _ = load_model(None)
+            ref = ref or arm_count('lora', dict(r=8), model)
+            q = arm_count(name, hp, model) / ref
+            if abs(q - 1) > BUDGET_TOL: out[label] = f"{q:.3f} times LoRA r=8's trainable parameters (tolerance {BUDGET_TOL})"
+    return out
+
+def arm_plan(preset: str, P: dict, tasks, seeds, methods, model) -> list[dict]:
+    "The configurations of an arms preset: task by task, seed by seed, arm by arm; only the arms that can run (`arm_missing`)."
+    arms, tasks, seeds = P['arms'], tasks or P['tasks'], seeds or P['seeds']
+    unknown = [m for m in methods or [] if m not in arms]
+    if unknown: raise ValueError(f"unknown arm(s) {unknown} of preset {preset!r}: expected some of {list(arms)}")
+    for t in tasks:
+        if t not in TASKS: raise ValueError(f"task={t!r}: expected one of {list(TASKS)}")
+    gone = arm_missing({k: arms[k] for k in methods or arms})
+    labels = [m for m in methods or arms if m not in gone]
+    out = []
+    for t in tasks:
+        ml = P['max_len']; ml = ml[len(TASKS[t]['text']) - 1] if isinstance(ml, (tuple, list)) else ml
+        for s in seeds:
+            for label in labels:
+                name, hp, k, _ = arms[label]
+                out.append(dict(preset=preset, model=model or P['model'], task=t, method=label, name=name, hp=dict(hp),
+                                budget=hp.get('r'), seed=s, train_size=per_task(P['train_size'], t),
+                                batch_size=per_task(P['batch_size'], t), warmup=P['warmup'], dev_size=P['dev_size'],
+                                lr=P.get('lr') or k * cpu_mini_lr(name), epochs=P['epochs'], max_len=ml))
     return out
 
 # %% ../../nbs/41_sweeps.ipynb #c012
