@@ -15,16 +15,17 @@ from .trainer import *
 from .reconstruction import *
 from .extension import *
 from .combination import *
+from .catalogue import *
 from .peft_adapters import *
 from .studies.lab import *
 from .studies.analysis import *
 from .studies.experiments import *
 from .studies.paper import *
 from .cli import demo_cli
-from . import core, inject, named, models, trainer, reconstruction, extension, combination, peft_adapters
+from . import core, inject, named, models, trainer, reconstruction, extension, combination, catalogue, peft_adapters
 from .studies import lab as _lab, analysis as _analysis, experiments as _experiments, paper as _paper
 
-__all__ = [n for m in (core, inject, named, models, trainer, reconstruction, extension, combination, peft_adapters,
+__all__ = [n for m in (core, inject, named, models, trainer, reconstruction, extension, combination, catalogue, peft_adapters,
                        _lab, _analysis, _experiments, _paper) for n in m.__all__] + ['demo_cli']
 
 import sys as _sys, types as _types, warnings as _warnings, importlib as _importlib
@@ -37,7 +38,7 @@ MOVED = {'mode1': ('reconstruction.mode1',), 'mode2': ('reconstruction.mode2',),
          'composition': ('combination.composition',), 'lab': ('studies.lab',),
          'analysis': ('studies.analysis', 'peft_adapters'), 'experiments': ('studies.experiments',),
          'sweeps': ('studies.sweeps',), 'reproduction': ('studies.reproduction',), 'paper': ('studies.paper',),
-         'bench': ('studies.bench',)}
+         'bench': ('studies.bench', 'studies.bench_svd', 'studies.bench_kernels')}
 
 class _OldPath(_abc.MetaPathFinder, _abc.Loader):
     "`import subspace_nb.lora` (an old path) gives a module that reads its names from where they live now, with a FutureWarning."
@@ -55,7 +56,7 @@ class _OldPath(_abc.MetaPathFinder, _abc.Loader):
         m.__all__ = [n for x in mods for n in getattr(x, '__all__', ())]
         def __getattr__(name):
             for x in mods:
-                if hasattr(x, name): return getattr(x, name)
+                if name in getattr(x, '__all__', ()) or name in vars(x): return getattr(x, name)
             raise AttributeError(f"module {spec.name!r} (now {' and '.join(new)}) has no attribute {name!r}")
         m.__getattr__ = __getattr__
         return m

@@ -5,7 +5,7 @@ independent construction: g applied to a plain layer that holds f's W' and b'.""
 import copy
 import pytest, torch
 from torch import nn
-from subspace_nb.core import METHODS, load_all, get_method
+from subspace_nb.core import METHODS, load_all, get_method, hparams
 from subspace_nb.combination.composition import compose, RECONSTRUCTION
 from subspace_nb.inject import apply_tuning, tuners, added_params, merge, unmerge, save_tuning, load_tuning, report, remove_tuning
 from subspace_nb.models import tiny_model, tiny_batch
@@ -13,14 +13,34 @@ from subspace_nb.models import tiny_model, tiny_batch
 load_all()
 F_NAMES = sorted(n for n, c in METHODS.items() if c.mode in RECONSTRUCTION and c.wraps)
 G_NAMES = sorted(n for n, c in METHODS.items() if c.mode == 'extension' and c.wraps)
-PAIRS = [(f, g) for f in F_NAMES for g in G_NAMES]
-COVER = [(f, 'lora') for f in F_NAMES] + [('ssb', g) for g in G_NAMES if g != 'lora']   # every f and every g once
+PAPER = ('subspace_nb.reconstruction.', 'subspace_nb.extension.')      # the paper's own methods: every pair of them
+
+
+def _clash(f, g): return set(hparams(get_method(f))) & set(hparams(get_method(g)))
+
+
+def _partner(name, others, first):
+    "The first of `others` (trying `first` before the rest) that shares no hyper-parameter name with `name`."
+    return next(o for o in [first, *others] if o in others and not _clash(name, o))
+
+
+paper = lambda n: get_method(n).__module__.startswith(PAPER)
+PAIRS = [(f, g) for f in F_NAMES for g in G_NAMES if paper(f) and paper(g) and not _clash(f, g)]
+COVER = sorted({(f, _partner(f, G_NAMES, 'lora')) for f in F_NAMES} | {(_partner(g, F_NAMES, 'ssb'), g) for g in G_NAMES})   # every f and every g once
+CLASHES = [(f, g) for f in F_NAMES for g in G_NAMES if _clash(f, g)]
 HP = dict(r=2, density=0.05)
 
 
 def test_pairs_cover_the_registry():
     assert {'sam-parser', 'ia3', 'ssl', 'ssb', 'fish-mask', 'diff-pruning'} <= set(F_NAMES)
     assert {'lora', 'trilora', 'flora', 'adalora', 'hadapter', 'padapter', 'pa'} <= set(G_NAMES)
+    assert {f for f, _ in COVER} == set(F_NAMES) and {g for _, g in COVER} == set(G_NAMES)
+
+
+@pytest.mark.parametrize('f,g', CLASHES[:8])
+def test_a_pair_that_shares_a_hyper_parameter_is_refused(f, g):
+    "Two methods that both take, say, `r` cannot share one keyword: the composition says so instead of guessing."
+    with pytest.raises(ValueError, match='both take'): compose(f, g)
 
 
 def moved(f, g, seed=0):

@@ -6,4 +6,12 @@
 __all__ = ['FAMILIES']
 
 # %% ../../nbs/79_catalogue.ipynb #c003
-FAMILIES = ()   # the catalogue's modules, in reading order (each imported by `load_all`)
+from .orthogonal import *
+from .svd_basis import *
+from .structured import *
+from .sparse import *
+from .representation import *
+from . import orthogonal, svd_basis, structured, sparse, representation
+
+FAMILIES = ('orthogonal', 'svd_basis', 'structured', 'sparse', 'representation')   # the catalogue's modules, in reading order
+__all__ = [n for m in (orthogonal, svd_basis, structured, sparse, representation) for n in m.__all__] + ['FAMILIES']
