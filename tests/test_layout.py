@@ -121,7 +121,7 @@ def probe():
     from subspace_nb.named import switchable
     from subspace_nb.extension.shared import shared_factors
     from subspace_nb.studies.lab import lab_count
-    from subspace_nb.studies.bench import as_prototype, PROTOTYPES
+    from subspace_nb.studies.bench_kernels import as_prototype, PROTOTYPES
     x = tiny_batch()
     for name in sorted(METHODS):
         cls = get_method(name)
@@ -138,7 +138,8 @@ def probe():
     as_prototype(apply_tuning(tiny_model('bert'), 'lora', r=2), PROTOTYPES[0])
 
 
-def test_notebooks_in_any_order_leave_the_registry_working():
+def order_check():
+    "Every notebook's classes defined again after the package's, in reading order and in reverse, each pass probed."
     import subspace_nb
     from subspace_nb.core import METHODS, load_all
     load_all()
@@ -147,3 +148,14 @@ def test_notebooks_in_any_order_leave_the_registry_working():
     assert sum(c.__module__ == '__main__' for c in METHODS.values()) > 20   # the probe meets the notebooks' classes
     probe()
     redefine(nbs[::-1]); probe()                             # and in the reverse order
+    print('order check passed')
+
+
+def test_notebooks_in_any_order_leave_the_registry_working():
+    "In a process of its own: the notebooks' classes must not leak into the other tests' registry."
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', OMP_NUM_THREADS='1'))
+    assert r.returncode == 0 and 'order check passed' in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+if __name__ == '__main__': order_check()

@@ -6,4 +6,5 @@
 __all__ = ['MODULES']
 
 # %% ../../nbs/49_studies.ipynb #c003
-MODULES = ('lab', 'analysis', 'experiments', 'sweeps', 'paper', 'reproduction', 'verdicts', 'bench')   # in reading order
+MODULES = ('lab', 'analysis', 'experiments', 'sweeps', 'paper', 'reproduction', 'verdicts', 'bench', 'bench_svd',
+           'bench_kernels', 'hypotheses', 'modes')   # in reading order
