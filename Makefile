@@ -40,7 +40,7 @@ pytest: install
 	$(ONE_THREAD) $(PY) -m pytest -q -n $(WORKERS) tests
 
 # README.md is index.ipynb, executed, as markdown
-README_CMD = $(VENV)/bin/jupyter nbconvert --to notebook --execute --stdout nbs/index.ipynb 2>/dev/null \
+README_CMD = $(ONE_THREAD) $(VENV)/bin/jupyter nbconvert --to notebook --execute --stdout nbs/index.ipynb 2>/dev/null \
 	| $(VENV)/bin/jupyter nbconvert --stdin --to markdown --stdout --TagRemovePreprocessor.enabled=True --TagRemovePreprocessor.remove_cell_tags=hide 2>/dev/null
 
 readme: install
