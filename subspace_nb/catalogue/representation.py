@@ -98,7 +98,7 @@ class Interventions(nn.Module):
         return None
 
     def after_model(self, model, args, kwargs, out):
-        self.where = None
+        self.last, self.where = self.where, None        # kept for a block recomputed in backward (gradient checkpointing)
 
     def after_block(self, i: int, block, args, out):
         "Forward hook of the i-th selected block: its hidden state h becomes Phi(h) at the chosen positions."
@@ -106,11 +106,13 @@ class Interventions(nn.Module):
         h = out[0] if isinstance(out, tuple) else out
         new = self.ivs[i](h)
         if self.span is not None:
-            if self.where is None or self.where.shape != h.shape[:2]:
+            where = self.where
+            if where is None and torch._C._current_graph_task_id() != -1: where = getattr(self, 'last', None)   # in backward
+            if where is None or where.shape != h.shape[:2]:
                 raise RuntimeError(f"LoReFT at {self.names[i]} edits positions {self.positions!r}, worked out by the "
                                    f"model's own forward; this call of the block (hidden states {tuple(h.shape)}) "
                                    "did not come through it: call the tuned model itself")
-            new = torch.where(self.where[..., None], new, h)
+            new = torch.where(where[..., None], new, h)
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     def block_hook(self, i: int):
