@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from ..core import *
 from ..core import _short
-from ..reconstruction.prompts import remove_hooks, as_kwargs, cache_length, model_type
+from ..reconstruction.prompts import remove_module, as_kwargs, cache_length, model_type
 from ..extension.adapters import blocks
 
 # %% auto #0
@@ -172,11 +172,7 @@ class LoReFT(Tuner):
         for i, b in enumerate(layers.values()): b.register_forward_hook(ivs.block_hook(i))
 
     @classmethod
-    def detach(cls, model, merge=False):
-        ivs = getattr(model, cls.attr, None)
-        if ivs is None: return
-        remove_hooks(model, ivs)
-        delattr(model, cls.attr)
+    def detach(cls, model, merge=False): remove_module(model, cls.attr)
 
     @classmethod
     def enable(cls, model, on: bool):

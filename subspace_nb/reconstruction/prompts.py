@@ -13,8 +13,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # %% auto #0
 __all__ = ['PREFIX_IMPL', 'model_type', 'max_positions', 'reads_first_token', 'special_ids', 'prompt_ids', 'check_l',
-           'remove_hooks', 'as_kwargs', 'cache_length', 'SoftPrompt', 'PromptTuning', 'uses_attention_interface',
-           'kv_heads', 'extend_mask', 'prefix_attention', 'register_prefix_attention', 'Prefixes', 'PrefixTuning']
+           'remove_hooks', 'remove_module', 'as_kwargs', 'cache_length', 'SoftPrompt', 'PromptTuning',
+           'uses_attention_interface', 'kv_heads', 'extend_mask', 'prefix_attention', 'register_prefix_attention',
+           'Prefixes', 'PrefixTuning']
 
 # %% ../../nbs/13_mode3_soft_prompts.ipynb #c010
 def model_type(model) -> str:
@@ -65,6 +66,13 @@ def remove_hooks(model: nn.Module, owner):
                     for extra in ('_forward_hooks_with_kwargs', '_forward_pre_hooks_with_kwargs',
                                   '_forward_hooks_always_called'):
                         getattr(mod, extra, {}).pop(k, None)
+
+def remove_module(model: nn.Module, attr: str):
+    "Take the module `model.<attr>` off `model` with every hook it owns (nothing when there is none): a hooked method's `detach`."
+    owner = getattr(model, attr, None)
+    if owner is None: return
+    remove_hooks(model, owner)
+    delattr(model, attr)
 
 def as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     "The arguments of a call to `module` all by name (positional ones named from its `forward` signature)."
@@ -206,11 +214,7 @@ class PromptTuning(Tuner):
         emb.register_forward_hook(sp.after_embedding)
 
     @classmethod
-    def detach(cls, model, merge=False):
-        sp = getattr(model, cls.attr, None)
-        if sp is None: return
-        remove_hooks(model, sp)
-        delattr(model, cls.attr)
+    def detach(cls, model, merge=False): remove_module(model, cls.attr)
 
     @classmethod
     def enable(cls, model, on: bool):
