@@ -1,13 +1,15 @@
-"""Our LoHa, LoKr, FourierFT and RandLoRA (nbs/72_structured) against HF PEFT's (a test-only dependency): with the same
+"""Our LoHa, LoKr, FourierFT, C3A, RandLoRA and VB-LoRA (nbs/72_structured) against HF PEFT's (a test-only dependency): with the same
 parameter values, moved off their initial values, both give the same outputs and the same gradients on a tiny BERT."""
 import copy
 import pytest, torch
-from peft import LoHaConfig, LoKrConfig, FourierFTConfig, RandLoraConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, FourierFTConfig, RandLoraConfig, C3AConfig, VBLoRAConfig, get_peft_model
 from subspace_nb.inject import apply_tuning, tuners
 from subspace_nb.catalogue.structured import factorization
+from subspace_nb.extension.shared import shared_factors
 from subspace_nb.models import tiny_model, tiny_batch
 
 TARGETS = ['query', 'value', 'intermediate.dense']          # 32 -> 32 and 32 -> 37 layers: two shapes
+SQUARE = ['query', 'key', 'value']                          # 32 -> 32 only: block and vector lengths that divide 37 are 1
 R, ALPHA = 2, 6
 
 
@@ -33,13 +35,19 @@ CASES = {   # method: (our hp, PEFT config, [(our parameter, PEFT parameter)] fo
                   lambda t: [('c', 'fourierft_spectrum')]),
     'randlora': (dict(r=R, alpha=float(ALPHA)), RandLoraConfig(r=R, randlora_alpha=ALPHA, target_modules=TARGETS),
                  lambda t: [('lam', 'randlora_lambda'), ('gamma', 'randlora_gamma')]),
+    'c3a': (dict(block_size=8), C3AConfig(block_size=8, init_weights=True, target_modules=SQUARE),
+            lambda t: [('kernel', 'c3a_kernel')]),
+    'vblora': (dict(r=R, num_vectors=6, vector_length=8, topk=2),
+               VBLoRAConfig(r=R, num_vectors=6, vector_length=8, topk=2, target_modules=SQUARE),
+               lambda t: [('logits_A', 'vblora_logits_A'), ('logits_B', 'vblora_logits_B')]),
 }
+TARGETS_OF = {'c3a': SQUARE, 'vblora': SQUARE}
 
 
 def pair(name, seed=0):
     hp, cfg, names = CASES[name]
     base = tiny_model('bert', seed=seed)
-    ours = apply_tuning(copy.deepcopy(base), name, targets=TARGETS, seed=seed, **hp)
+    ours = apply_tuning(copy.deepcopy(base), name, targets=TARGETS_OF.get(name, TARGETS), seed=seed, **hp)
     theirs = get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))
     mods = dict(theirs.base_model.model.named_modules())
     ts = tuners(ours)
@@ -53,6 +61,10 @@ def pair(name, seed=0):
                 getattr(mods[n], b)['default'].copy_(p)
             if name == 'randlora': randlora_copy(t, mods[n])
             if name == 'fourierft': assert torch.equal(t.loc, mods[n].indices['default'])   # the same frozen positions
+        if name == 'vblora':                                                    # the one bank of the model
+            bank = shared_factors(ours).bank_0
+            bank.add_(0.3 * torch.randn(bank.shape, generator=g))
+            theirs.base_model.vblora_vector_bank['default'].copy_(bank)
     return ours, theirs, ts, mods, names
 
 
@@ -70,6 +82,9 @@ def test_same_outputs_and_gradients(name):
             ga, gb = getattr(t, a).grad, getattr(mods[n], b)['default'].grad
             assert ga is not None and ga.abs().sum() > 0, (n, a)
             torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    if name == 'vblora':                                                        # the bank's gradient, summed over all layers
+        gb = theirs.base_model.vblora_vector_bank['default'].grad
+        torch.testing.assert_close(shared_factors(ours).bank_0.grad, gb, rtol=1e-4, atol=1e-6)
 
 
 def test_lokr_factorization_is_peft_s():

@@ -15,10 +15,11 @@ from .lora import one_gemm, one_gemm_ok
 __all__ = ['SHARES', 'group_key', 'SharedFactors', 'shared_factors', 'Shared', 'check_width', 'VeRA', 'LoTR']
 
 # %% ../../nbs/22_shared_params.ipynb #c010
-SHARES = ('shape', 'role')
+SHARES = ('shape', 'role', 'model')
 
 def group_key(name: str, layer: nn.Module, share: str = 'shape') -> str:
-    "Which factors layer `name` uses: one set per (n, m) shape, or per role (the name with block indices as '*')."
+    "Which factors layer `name` uses: one set per (n, m) shape, per role (the name with block indices as '*'), or one for the whole model."
+    if share == 'model': return 'model'
     if share == 'shape': return 'x'.join(map(str, dims(layer)))
     if share == 'role': return re.sub(r'(?<=\.)\d+(?=\.|$)', '*', name)
     raise ValueError(f"share={share!r}: expected one of {SHARES}")
@@ -62,6 +63,7 @@ class Shared(Tuner):
     attr: str = ''                   # the SharedFactors' name, as a submodule of the first tuner
     factor_names: tuple = ()         # the shared tensors of one group
     trainable_factors: bool = False  # True: parameters (trained, saved once); False: frozen buffers, never saved
+    shape_free: bool = False         # one group's tensors fit layers of any shape: a group may mix shapes
 
     def __init__(self, base, shared: SharedFactors, i: int, generator=None):
         super().__init__(base)
@@ -92,9 +94,9 @@ class Shared(Tuner):
         for name, l in layers.items(): out.setdefault(group_key(name, l, share), []).append(name)
         for k, names in out.items():
             shapes = sorted({dims(layers[x]) for x in names})
-            if len(shapes) > 1:
+            if len(shapes) > 1 and not cls.shape_free:
                 raise ValueError(f"share={share!r} puts layers of different shapes {shapes} into one group {k!r}; "
-                                 "use share='shape'")
+                                 f"{cls.name or cls.__name__}'s shared factors have one shape: use share='shape'")
         return out
 
     @classmethod
@@ -106,7 +108,7 @@ class Shared(Tuner):
         for key, names in groups.items():                # everything is built before the model changes
             n, m = dims(layers[names[0]])
             i = sf.add(key, **{k: t.to(device) for k, t in cls.factors(n, m, generator, **hp).items()})
-            for x in names: built[x] = cls(layers[x], sf, i, **hp).train(layers[x].training)
+            for x in names: built[x] = cls(layers[x], sf, i, generator=generator, **hp).train(layers[x].training)
         first = built[next(iter(layers))]
         first.add_module(cls.attr, sf.train(first.training))   # inside a tuner: no container runs it as a layer
         for x in layers: _put(model, x, built[x])
