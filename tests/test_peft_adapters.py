@@ -144,7 +144,7 @@ REFUSALS = [
     (dict(rank_pattern={'query': 0}), "rank_pattern={'query': 0} is not supported"),
     (dict(layers_to_transform=[0]), 'layers_to_transform=[0]'),
     (dict(init_lora_weights='pissa'), 'rewrite the base weight'),
-    (dict(peft_type='LOHA'), "peft_type='LOHA'"),
+    (dict(peft_type='POLY'), "peft_type='POLY'"),
     (dict(r=8), 'r=8 in the config'),                                  # the tensors have r = 4
     (dict(use_dora=True), 'use_dora=True'),                           # no magnitudes in the file
     (dict(target_modules=['query']), 'only in the weights'),          # value layers not selected by the config

@@ -1,0 +1,125 @@
+"""PEFT's adapter files for the catalogue's methods (`PEFT_TABLE` in nbs/34_peft_adapters) against HF PEFT (a test-only
+dependency), both ways on a tiny BERT: PEFT makes and saves an adapter with moved weights -> ours loads it and computes
+PEFT's outputs; ours, moved, saves -> `PeftModel.from_pretrained` computes ours. A refused field is named, and leaves
+the model untouched."""
+import copy, json
+import pytest, torch
+import peft
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from subspace_nb.peft_adapters import load_peft_adapter, save_peft_adapter, peft_config, PEFT_CONFIG, PEFT_WEIGHTS
+from subspace_nb.inject import apply_tuning, tuners
+from subspace_nb.models import tiny_model, tiny_batch
+from test_peft_roundtrips import logits, changes, moved, snapshot, untouched
+
+QV, THREE = ['query', 'value'], ['query', 'value', 'intermediate.dense']   # 32 -> 32, and 32 -> 37: two shapes
+
+CASES = {   # method: (PEFT's config, our hyper-parameters and targets, what ours reads back)
+    'oft': (lambda: peft.OFTConfig(r=0, oft_block_size=8, use_cayley_neumann=False, target_modules=THREE),
+            dict(block_size=8, targets=THREE), dict(block_size=8, coft=False, eps=6e-5)),
+    'hra': (lambda: peft.HRAConfig(r=4, target_modules=THREE), dict(r=4, targets=THREE), dict(r=4)),
+    'delora': (lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=THREE), dict(r=4, lam=3.0, targets=THREE),
+               dict(r=4, lam=3.0)),
+    'road': (lambda: peft.RoadConfig(variant='road_1', group_size=8, target_modules=QV), dict(group_size=8, targets=QV),
+             dict(group_size=8)),
+    'loha': (lambda: peft.LoHaConfig(r=2, alpha=6, target_modules=THREE), dict(r=2, alpha=6.0, targets=THREE),
+             dict(r=2, alpha=6.0)),
+    'lokr': (lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=THREE), dict(r=2, alpha=6.0, targets=THREE),
+             dict(r=2, alpha=6.0, factor=-1)),
+    'fourierft': (lambda: peft.FourierFTConfig(n_frequency=50, scaling=3.0, random_loc_seed=5, target_modules=THREE),
+                  dict(n_frequency=50, scale=3.0, loc_seed=5, targets=THREE), dict(n_frequency=50, scale=3.0, loc_seed=5)),
+    'miss': (lambda: peft.MissConfig(r=4, target_modules=THREE), dict(r=4, targets=THREE), dict(r=4, mini_r=None)),
+    'miss-mini': (lambda: peft.MissConfig(r=4, init_weights='mini', mini_r=8, target_modules=QV),
+                  dict(r=4, mini_r=8, targets=QV), dict(r=4, mini_r=8)),
+    'shira': (lambda: peft.ShiraConfig(r=2, random_seed=7, target_modules=THREE), dict(r=2, targets=THREE), dict(r=2)),
+}
+METHOD = lambda case: case.split('-')[0]
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_peft_to_ours(name, tmp_path):
+    cfg, _, hp = CASES[name]
+    base = tiny_model('bert')
+    pm = moved(get_peft_model(copy.deepcopy(base), cfg()))
+    pm.save_pretrained(tmp_path)
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path)
+    y = logits(pm)
+    assert changes(y, logits(base))
+    torch.testing.assert_close(logits(ours), y, rtol=1e-5, atol=1e-5)
+    assert ours.subspace['method'] == METHOD(name) and ours.subspace['hp'] == hp and len(tuners(ours)) == len(pm.targeted_module_names)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_ours_to_peft(name, tmp_path):
+    _, hp, _ = CASES[name]
+    base = tiny_model('bert')
+    mine = moved(apply_tuning(copy.deepcopy(base), METHOD(name), seed=3, **hp), seed=1)
+    path = save_peft_adapter(mine, tmp_path)
+    assert json.loads((path / PEFT_CONFIG).read_text()) == peft_config(mine)
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), path)
+    y = logits(mine)
+    assert changes(y, logits(base))
+    torch.testing.assert_close(logits(pm), y, rtol=1e-5, atol=1e-5)
+    back = load_peft_adapter(copy.deepcopy(base), path)
+    torch.testing.assert_close(logits(back), y, rtol=1e-6, atol=1e-6)
+    assert type(peft.get_peft_config(peft_config(mine))).__name__.lower().startswith(name[:3])   # the benchmark's twin
+    if METHOD(name) == 'shira':                                       # the positions travel with the values
+        for n, t in tuners(back).items(): assert torch.equal(t.idx, tuners(mine)[n].idx)
+
+
+@pytest.mark.parametrize('name, field, value', [('oft', 'use_cayley_neumann', True), ('oft', 'block_share', True),
+                                                ('hra', 'apply_GS', True), ('road', 'variant', 'road_2'),
+                                                ('lokr', 'decompose_both', True), ('delora', 'lambda_pattern', {'query': 2}),
+                                                ('fourierft', 'n_frequency_pattern', {'query': 9}),
+                                                ('miss', 'init_weights', 'bat')])
+def test_refused_field_is_named(name, field, value, tmp_path):
+    base = tiny_model('bert')
+    get_peft_model(copy.deepcopy(base), CASES[name][0]()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / PEFT_CONFIG).read_text())
+    (tmp_path / PEFT_CONFIG).write_text(json.dumps(dict(cfg, **{field: value})))
+    model = copy.deepcopy(base); snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"): load_peft_adapter(model, tmp_path)
+    assert untouched(model, snap)
+
+
+def test_tensors_checked_against_our_tuners(tmp_path):
+    "A tensor of the wrong size, or a DeLoRA weight norm of another base model: named, and the model left as it was."
+    base = tiny_model('bert')
+    get_peft_model(copy.deepcopy(base), CASES['delora'][0]()).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / PEFT_WEIGHTS))
+    k = next(k for k in sd if k.endswith('query.delora_w_norm'))
+    save_file(dict(sd, **{k: sd[k] * 1.1}), str(tmp_path / PEFT_WEIGHTS))
+    model = copy.deepcopy(base); snap = snapshot(model)
+    with pytest.raises(ValueError, match='the saved w_norm is not the one this model'): load_peft_adapter(model, tmp_path)
+    assert untouched(model, snap)
+    get_peft_model(copy.deepcopy(base), CASES['hra'][0]()).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / PEFT_WEIGHTS))
+    k = next(k for k in sd if k.endswith('value.hra_u'))
+    save_file(dict(sd, **{k: sd[k][:, :3].contiguous()}), str(tmp_path / PEFT_WEIGHTS))
+    with pytest.raises(ValueError, match=r'value does not fit \(u: saved \(32, 3\), ours \(32, 4\)'):
+        load_peft_adapter(model, tmp_path)
+    assert untouched(model, snap)
+
+
+def test_no_peft_form_is_refused_on_save(tmp_path):
+    base = tiny_model('bert')
+    for name, hp, says in [('oft', dict(block_size=8, side='out'), "side='out' has no PEFT form"),
+                           ('fourierft', dict(n_frequency=8), 'loc_seed=None has no PEFT form')]:
+        with pytest.raises(ValueError, match=says): save_peft_adapter(apply_tuning(copy.deepcopy(base), name, **hp), tmp_path / name)
+        assert not (tmp_path / name).exists()
+
+
+def test_gpt2_conv1d(tmp_path):
+    "GPT-2's Conv1D layers: FourierFT (the one table method PEFT tunes them with) both ways; another is refused on save."
+    base, x = tiny_model('gpt2'), tiny_batch()
+    out = lambda m: m.eval()(**x, output_hidden_states=True).hidden_states[-1].detach()
+    cfg = peft.FourierFTConfig(n_frequency=20, scaling=3.0, random_loc_seed=3, target_modules=['c_attn'], fan_in_fan_out=True)
+    pm = moved(get_peft_model(copy.deepcopy(base), cfg))
+    pm.save_pretrained(tmp_path / 'theirs')
+    torch.testing.assert_close(out(load_peft_adapter(copy.deepcopy(base), tmp_path / 'theirs')), out(pm), rtol=1e-5, atol=1e-5)
+    mine = moved(apply_tuning(copy.deepcopy(base), 'fourierft', targets=['c_attn'], n_frequency=20, scale=3.0, loc_seed=3), 1)
+    assert changes(out(mine).flatten(), out(base).flatten())
+    back = PeftModel.from_pretrained(copy.deepcopy(base), save_peft_adapter(mine, tmp_path / 'ours'))
+    torch.testing.assert_close(out(back), out(mine), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="PEFT's HRA does not tune Conv1D layers"):
+        save_peft_adapter(apply_tuning(copy.deepcopy(base), 'hra', targets=['c_attn'], r=2), tmp_path / 'hra')
