@@ -1,17 +1,46 @@
-"""OFT, HRA, RoAd and DeLoRA against HF PEFT's OFT, HRA, RoAd and DeLoRA (a test-only dependency): with the same parameter values,
+"""OFT, BOFT, HRA, RoAd and DeLoRA against HF PEFT's twins (a test-only dependency): with the same parameter values,
 moved off their start, the same outputs and the same gradients on a tiny BERT."""
 import copy
 import pytest, torch
 import peft
+import peft.tuners.boft.layer as boft_layer
 from subspace_nb.inject import apply_tuning, tuners
 from subspace_nb.models import tiny_model, tiny_batch
+from subspace_nb.catalogue.orthogonal import skew
+
+
+class BlockDiagCPU:
+    "A stand-in for PEFT's BOFT CUDA extension (its `forward`/`backward`), so that PEFT keeps its butterfly factors on CPU."
+    @staticmethod
+    def forward(R):                                              # (N, k, b, b) -> (N, k b, k b)
+        return [torch.stack([torch.block_diag(*Ri) for Ri in R])]
+
+    @staticmethod
+    def backward(G, R):                                          # the diagonal blocks of the gradient
+        k, b = R.shape[1], R.shape[2]
+        return [torch.stack([G[:, i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(k)], 1)]
+
+
+boft_layer._FBD_CUDA = BlockDiagCPU()                           # without it PEFT silently drops to one factor on CPU
+
+
+def as_is(p, lay): return p
+def boft_q(q, lay):                                             # our strict upper triangles -> PEFT's full blocks (skew part used)
+    return skew(q, lay.boft_block_size['default'])
+def boft_q_grad(G, lay):                                        # d/dq_ij = dL/dQ_ij - dL/dQ_ji = 2 dL/dA_ij, Q = (A - A^T)/2
+    b = lay.boft_block_size['default']
+    rows, cols = torch.triu_indices(b, b, 1)
+    return 2 * G[..., rows, cols]
 
 TARGETS = ['query', 'value', 'intermediate.dense']        # n = 32 on each: PEFT's OFT needs n to be a multiple of b
 
-CASES = {  # method: (our hyper-parameters, PEFT's config, [(our parameter, PEFT's parameter dict)])
+CASES = {  # method: (our hyper-parameters, PEFT's config, [(our parameter, PEFT's parameter[, ours -> theirs, their grad -> ours])])
     'oft': (dict(block_size=8), lambda: peft.OFTConfig(r=0, oft_block_size=8, use_cayley_neumann=False,
                                                         target_modules=TARGETS),
             [('q', lambda l: l.oft_R['default'].weight)]),
+    'boft': (dict(block_size=4, factors=3), lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=3,
+                                                                    target_modules=TARGETS),
+             [('q', lambda l: l.boft_R['default'], boft_q, boft_q_grad), ('s', lambda l: l.boft_s['default'])]),
     'hra': (dict(r=4), lambda: peft.HRAConfig(r=4, target_modules=TARGETS), [('u', lambda l: l.hra_u['default'])]),
     'road': (dict(group_size=8), lambda: peft.RoadConfig(variant='road_1', group_size=8, target_modules=['query', 'value']),
              [('theta', lambda l: l.road_theta['default']), ('alpha', lambda l: l.road_alpha['default'])]),
@@ -32,13 +61,18 @@ def pair(name, seed=1):
     with torch.no_grad():
         for n, t in tuners(ours).items():
             lay = pm.base_model.model.get_submodule(n)
-            for ours_name, theirs in params:
+            for ours_name, theirs, to, _ in map(full, params):
                 p = getattr(t, ours_name)
                 p.add_(torch.randn(p.shape, generator=g))                      # as if trained: off the start
-                theirs(lay).copy_(p.view_as(theirs(lay)))
+                theirs(lay).copy_(to(p, lay).view_as(theirs(lay)))
             found += 1
     assert found == 2 * len(targets)                                                  # two layers of each target
     return base, ours.eval(), pm.eval(), params
+
+
+def full(param):
+    "(ours, theirs, ours -> theirs, their grad -> ours): the same numbers in the same shape unless the case says otherwise."
+    return (*param, as_is, as_is)[:4]
 
 
 def out(m, x):
@@ -57,8 +91,8 @@ def test_equals_peft(name, n_seq):
     out(ours, x).square().sum().backward(); out(pm, x).square().sum().backward()
     for n, t in tuners(ours).items():
         lay = pm.base_model.model.get_submodule(n)
-        for ours_name, theirs in params:
-            g1, g2 = getattr(t, ours_name).grad, theirs(lay).grad
+        for ours_name, theirs, _, back in map(full, params):
+            g1, g2 = getattr(t, ours_name).grad, back(theirs(lay).grad, lay)
             assert g1 is not None and g1.abs().sum() > 0
             torch.testing.assert_close(g1, g2.view_as(g1), rtol=1e-4, atol=1e-5)
 
