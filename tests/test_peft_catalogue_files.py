@@ -32,6 +32,10 @@ CASES = {   # method: (PEFT's config, our hyper-parameters and targets, what our
     'miss-mini': (lambda: peft.MissConfig(r=4, init_weights='mini', mini_r=8, target_modules=QV),
                   dict(r=4, mini_r=8, targets=QV), dict(r=4, mini_r=8)),
     'shira': (lambda: peft.ShiraConfig(r=2, random_seed=7, target_modules=THREE), dict(r=2, targets=THREE), dict(r=2)),
+    'c3a': (lambda: peft.C3AConfig(block_size=8, init_weights='xavier_uniform', target_modules=QV),
+            dict(block_size=8, targets=QV), dict(block_size=8)),            # 37 is prime: no block fits the FFN layer
+    'vblora': (lambda: peft.VBLoRAConfig(r=2, num_vectors=6, vector_length=8, topk=2, target_modules=QV),
+               dict(r=2, num_vectors=6, vector_length=8, targets=QV), dict(r=2, num_vectors=6, vector_length=8, topk=2)),
 }
 METHOD = lambda case: case.split('-')[0]
 
@@ -71,7 +75,9 @@ def test_ours_to_peft(name, tmp_path):
                                                 ('hra', 'apply_GS', True), ('road', 'variant', 'road_2'),
                                                 ('lokr', 'decompose_both', True), ('delora', 'lambda_pattern', {'query': 2}),
                                                 ('fourierft', 'n_frequency_pattern', {'query': 9}),
-                                                ('miss', 'init_weights', 'bat')])
+                                                ('miss', 'init_weights', 'bat'), ('c3a', 'block_size_pattern', {'query': 4}),
+                                                ('vblora', 'save_only_topk_weights', True),
+                                                ('vblora', 'vblora_dropout', 0.1), ('vblora', 'fan_in_fan_out', True)])
 def test_refused_field_is_named(name, field, value, tmp_path):
     base = tiny_model('bert')
     get_peft_model(copy.deepcopy(base), CASES[name][0]()).save_pretrained(tmp_path)
@@ -123,3 +129,23 @@ def test_gpt2_conv1d(tmp_path):
     torch.testing.assert_close(out(back), out(mine), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="PEFT's HRA does not tune Conv1D layers"):
         save_peft_adapter(apply_tuning(copy.deepcopy(base), 'hra', targets=['c_attn'], r=2), tmp_path / 'hra')
+
+
+def test_vblora_bank_travels_once(tmp_path):
+    "VB-LoRA's one bank: PEFT's base_model.vblora_vector_bank is our first tuned layer's vblora_shared.bank_0, both ways; "
+    "without it, or with a second group (share='shape'), nothing happens."
+    base = tiny_model('bert')
+    pm = moved(get_peft_model(copy.deepcopy(base), CASES['vblora'][0]()))
+    pm.save_pretrained(tmp_path / 'theirs')
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path / 'theirs')
+    first = ours.subspace['layers'][0]
+    assert torch.equal(ours.state_dict()[f'{first}.vblora_shared.bank_0'], pm.base_model.vblora_vector_bank['default'])
+    sd = load_file(str(tmp_path / 'theirs' / PEFT_WEIGHTS))
+    save_file({k: v for k, v in sd.items() if 'vector_bank' not in k}, str(tmp_path / 'theirs' / PEFT_WEIGHTS))
+    model = copy.deepcopy(base); snap = snapshot(model)
+    with pytest.raises(ValueError, match='holds the shared base_model.vblora_vector_bank'): load_peft_adapter(model, tmp_path / 'theirs')
+    assert untouched(model, snap)
+    with pytest.raises(ValueError, match="share='shape' has no PEFT form"):
+        save_peft_adapter(apply_tuning(copy.deepcopy(base), 'vblora', targets=THREE, r=2, num_vectors=6, vector_length=1,
+                                       share='shape'), tmp_path / 'shape')
+    assert not (tmp_path / 'shape').exists()
