@@ -4,16 +4,27 @@
 
 # %% ../../nbs/74_representation.ipynb #c002
 from __future__ import annotations
-import re, math, functools
+import re, os, json, math, functools, contextlib
+from pathlib import Path
 import torch
 from torch import nn
+from safetensors.torch import save_file, load_file
+from safetensors.torch import save_file, load_file
 from ..core import *
 from ..core import _short
 from ..reconstruction.prompts import remove_module, as_kwargs, cache_length, model_type
 from ..extension.adapters import blocks
+from ..extension.lora import LoRA
+from ..inject import tuners, _set_module
+from ..named import tuning_names, load_named, delete_tuning, _registry, _adopt, _as_active, _set_aside
+from ..extension.lora import LoRA
+from ..inject import tuners, _set_module
+from ..named import tuning_names, load_named, delete_tuning, _registry, _adopt, _as_active, _set_aside
 
 # %% auto #0
-__all__ = ['orthonormal_rows', 'Intervention', 'hidden_width', 'parse_positions', 'intervened', 'Interventions', 'LoReFT']
+__all__ = ['XLORA_HP', 'XLORA_CONFIG', 'XLORA_WEIGHTS', 'orthonormal_rows', 'Intervention', 'hidden_width', 'parse_positions',
+           'intervened', 'Interventions', 'LoReFT', 'route', 'mixture_path', 'Mixture', 'check_xlora', 'xlora_params',
+           'classifier', 'XLoRA', 'apply_xlora', 'remove_xlora', 'disable_xlora', 'save_xlora', 'load_xlora']
 
 # %% ../../nbs/74_representation.ipynb #c007
 def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
@@ -189,3 +200,269 @@ class LoReFT(Tuner):
     @classmethod
     def count(cls, layers, r: int = 4, positions: str = 'all') -> int:
         return sum(cls.n_params(hidden_width(b), hidden_width(b), r) for b in layers.values())
+
+# %% ../../nbs/74_representation.ipynb #c031
+def route(g: torch.Tensor, top_k: int | None = None, softmax_topk: bool = False) -> torch.Tensor:
+    "PEFT's selection on gates (..., E): keep each token's `top_k` largest (the rest 0); `softmax_topk`: a softmax over those kept."
+    if top_k is not None:
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(top_k, dim=-1).indices, True)
+        g = g * keep.to(g.dtype)
+    if softmax_topk:
+        keep = g != 0
+        g = torch.softmax(g.masked_fill(~keep, float('-inf')), -1).masked_fill(~keep, 0.)
+    return g
+
+def mixture_path(x, A, B, g, s) -> torch.Tensor:
+    r"$\sum_j g_j s_j (x A_j) B_j$ with the experts' factors stacked: A (R, n), B (m, R), the gate and scale of each of the R columns g (..., R), s (R,)."
+    return ((x @ A.T) * (g * s)) @ B.T
+
+
+# %% ../../nbs/74_representation.ipynb #c034
+class Mixture(nn.Module):
+    r"A layer under X-LoRA: $xW + b + w\sum_j g_j(x)\,s_j\,(xA_j)B_j$ over the experts that tune it, the gates read from the model's `XLoRA`."
+    def __init__(self, base: nn.Module, owner, i: int, experts: dict):
+        super().__init__()
+        self.base, self.i, self._owner = base, i, [owner]          # a list: the owner is not a submodule of its layers
+        self.A = nn.ParameterList([t.A for t in experts.values()])  # the experts' own parameters, not copies
+        self.B = nn.ParameterList([t.B for t in experts.values()])
+        col = [j for j, t in experts.items() for _ in range(t.r)]   # the expert of each of the R = sum r_j columns
+        self.register_buffer('col', torch.tensor(col), persistent=False)
+        self.register_buffer('s', torch.tensor([t.s for t in experts.values() for _ in range(t.r)]), persistent=False)
+
+    def forward(self, x):
+        y, xl = self.base(x), self._owner[0]
+        if not xl.enabled: return y
+        g = xl.gates
+        if g is None or g.shape[:2] != x.shape[:2]:
+            raise RuntimeError(f"X-LoRA's gates are worked out by the model's own forward; this call of a mixed layer "
+                               f"(input {tuple(x.shape)}) did not come through it: call the tuned model itself")
+        A, B = torch.cat(list(self.A)), torch.cat(list(self.B), 1)                    # (R, n), (m, R)
+        z = mixture_path(x.to(A.dtype), A, B, g[:, :, self.i, self.col], self.s)
+        return y + (xl.weight * z).to(y.dtype)
+
+    def extra_repr(self): return f"layer={self.i}, experts={len(self.A)}, R={len(self.col)}"
+
+
+# %% ../../nbs/74_representation.ipynb #c035
+XLORA_HP = dict(layerwise=False, softmax=True, temperature=1.0, top_k=None, softmax_topk=False, depth=1, size=2048,
+                dropout=0.2, scaling_pass_value=0.0, weight=1.0, train_experts=False)
+
+def check_xlora(hp: dict, n_experts: int) -> dict:
+    "X-LoRA's hyper-parameters with the defaults filled in; an error names a bad value and what is accepted."
+    bad = [k for k in hp if k not in XLORA_HP]
+    if bad: raise TypeError(f"apply_xlora does not take {bad}; it takes {list(XLORA_HP)}")
+    hp = XLORA_HP | hp
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    isint = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for k in ('layerwise', 'softmax', 'softmax_topk', 'train_experts'):
+        if not isinstance(hp[k], bool): raise TypeError(f"{k}={hp[k]!r}: expected True or False")
+    checks = dict(temperature=(num(hp['temperature']) and hp['temperature'] > 0, 'a number > 0'),
+                  top_k=(hp['top_k'] is None or isint(hp['top_k']) and 1 <= hp['top_k'] <= n_experts,
+                         f'None or an int in 1..{n_experts} (the number of experts)'),
+                  depth=(isint(hp['depth']) and hp['depth'] >= 1, 'an int >= 1'),
+                  size=(isint(hp['size']) and hp['size'] >= 1, 'an int >= 1'),
+                  dropout=(num(hp['dropout']) and 0 <= hp['dropout'] < 1, 'a number in [0, 1)'),
+                  scaling_pass_value=(num(hp['scaling_pass_value']), 'a number'), weight=(num(hp['weight']), 'a number'))
+    for k, (ok, want) in checks.items():
+        if not ok: raise ValueError(f"{k}={hp[k]!r}: expected {want}")
+    if hp['softmax_topk'] and hp['top_k'] is None:
+        raise ValueError("softmax_topk=True renormalises the top_k gates: give top_k as well")
+    return hp
+
+def xlora_params(d: int, experts: int, layers: int, layerwise: bool = False, depth: int = 1, size: int = 2048,
+                 **hp) -> int:
+    "The classifier's parameters: d -> [size ->] E (or E L when layerwise), each linear layer with its bias."
+    out = experts * layers if layerwise else experts
+    if depth == 1: return (d + 1) * out
+    return (d + 1) * size + (depth - 2) * (size + 1) * size + (size + 1) * out
+
+def classifier(d: int, out: int, depth: int, size: int, dropout: float, generator=None) -> nn.Sequential:
+    "PEFT's X-LoRA classifier: `depth` linear layers (ReLU and dropout between them), drawn as nn.Linear draws them, from `generator`."
+    widths = [d] + [size] * (depth - 1) + [out]
+    mods = []
+    for k, (a, b) in enumerate(zip(widths, widths[1:])):
+        lin, bound = nn.Linear(a, b), 1 / math.sqrt(a)
+        with torch.no_grad():
+            lin.weight.uniform_(-bound, bound, generator=generator); lin.bias.uniform_(-bound, bound, generator=generator)
+        mods.append(lin)
+        if k < depth - 1: mods += [nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+    return nn.Sequential(*mods)
+
+
+# %% ../../nbs/74_representation.ipynb #c037
+class XLoRA(nn.Module):
+    "X-LoRA on a model (`model.xlora`): the classifier, the settings, and the hooks that run the scaling pass."
+    def __init__(self, experts: dict, layers: list, d: int, hp: dict, generator=None):
+        super().__init__()
+        self.experts, self.layers, self.hp = list(experts), list(layers), dict(hp)
+        E, L = len(self.experts), len(self.layers)
+        self.classifier = classifier(d, E * L if hp['layerwise'] else E, hp['depth'], hp['size'], hp['dropout'], generator)
+        self.weight, self.enabled, self.gates, self.cache, self.last = hp['weight'], True, None, None, None
+
+    def route(self, g): return route(g, self.hp['top_k'], self.hp['softmax_topk'])
+
+    def scalings(self, h: torch.Tensor) -> torch.Tensor:
+        "Gates (batch, tokens, layers, experts) from the last hidden states h (batch, tokens, d)."
+        b, t = h.shape[:2]
+        E, L = len(self.experts), len(self.layers)
+        z = self.classifier(h.to(self.classifier[0].weight.dtype))
+        z = z.view(b, t, L, E) if self.hp['layerwise'] else z[:, :, None].expand(b, t, L, E)
+        if self.hp['softmax']: z = torch.softmax(z / self.hp['temperature'], -1)
+        return self.route(z)
+
+    def before_model(self, model, args, kwargs):
+        "Forward pre-hook on the model: the scaling pass (gates = scaling_pass_value, no gradient, its own cache), then the gates."
+        self.gates = None
+        if not self.enabled: return None
+        kw = as_kwargs(model, args, kwargs)
+        x = kw.get('input_ids') if kw.get('input_ids') is not None else kw.get('inputs_embeds')
+        if x is None: raise ValueError("X-LoRA's scaling pass needs input_ids or inputs_embeds")
+        key = 'cache' if 'cache' in kw else 'past_key_values'             # transformers 5 names it 'cache'
+        past = cache_length(kw.get(key))
+        if past and cache_length(self.cache) != past:
+            raise ValueError(f"this call continues a key/value cache of {past} tokens; X-LoRA's scaling pass keeps its own "
+                             f"cache, which holds {cache_length(self.cache)}: continue only the cache of the model's "
+                             "previous call (as generate does), or start without one")
+        kw = {k: v for k, v in kw.items() if k not in ('labels', 'cache', 'past_key_values')}
+        if past: kw[key] = self.cache                                   # never the model's own cache
+        L, E = len(self.layers), len(self.experts)
+        self.gates = self.route(torch.full((*x.shape[:2], L, E), float(self.hp['scaling_pass_value']), device=x.device))
+        try:
+            with torch.no_grad(): out = model.forward(**kw, output_hidden_states=True)
+        finally: self.gates = None
+        self.cache = out.get('cache', out.get('past_key_values'))
+        self.gates = self.scalings(out.hidden_states[-1])
+        return None
+
+    def after_model(self, model, args, kwargs, out):
+        self.last, self.gates = self.gates, None                   # the last call's gates, for a look at the routing
+
+    def extra_repr(self): return f"experts={self.experts}, layers={len(self.layers)}"
+
+
+# %% ../../nbs/74_representation.ipynb #c039
+def _experts_of(model, sources) -> dict:
+    "name -> {layer: LoRA tuner} for each source: a tuning of `model` by name, or a folder `save_tuning` wrote (loaded under its folder's name)."
+    if not isinstance(sources, (list, tuple)) or not sources:
+        raise TypeError(f"experts={sources!r}: expected a non-empty list of the model's tuning names or saved folders")
+    have, loaded, made = tuning_names(model), [], _registry(model) is None
+    names = [s if isinstance(s, str) and s in have else Path(s).name for s in sources]
+    for s in sources:
+        if not (isinstance(s, str) and s in have or isinstance(s, (str, os.PathLike)) and Path(s).is_dir()):
+            raise ValueError(f"expert {s!r} is neither a tuning of the model ({have or 'it has none'}) nor a folder")
+    if len(set(names)) != len(names): raise ValueError(f"experts={sources!r}: the names {names} are not distinct")
+    found = {}
+    try:
+        for s, n in zip(sources, names):
+            if n not in have: load_named(model, s, n); loaded.append(n)
+        reg = _adopt(model)
+        for n in names:
+            with _as_active(model, n):
+                ts = tuners(model)
+                bad = [k for k, t in ts.items() if type(t) is not LoRA or t.mpc == 'n']
+                if bad: raise TypeError(f"expert {n!r} is a {model.subspace['method']!r} tuning ({_short(bad)}): X-LoRA "
+                                        "mixes LoRA tunings (method 'lora', mpc not 'n')")
+                found[n] = ts
+        if reg['active'] is not None: _set_aside(model, reg)          # the layers are plain again: X-LoRA wraps them
+    except BaseException:
+        for n in loaded: delete_tuning(model, n) if len(tuning_names(model)) > 1 or made else None
+        if made and _registry(model) is not None and not loaded: model.__dict__.pop('_subspace_named', None)
+        raise
+    return found
+
+def _attach(model, experts: dict, hp: dict, seed: int, named=None) -> nn.Module:
+    "Wrap every layer some expert tunes in a `Mixture`, add `model.xlora` and its hooks; only the classifier trains (and the experts if `train_experts`)."
+    found = blocks(model)
+    if not found: raise TypeError(f"X-LoRA reads the last hidden state of a stack of blocks; this {model_type(model)} model has none")
+    d = hidden_width(list(found.values())[-1])
+    layers = [n for n, _ in model.named_modules() if any(n in ts for ts in experts.values())]
+    xl = XLoRA(experts, layers, d, hp, torch.Generator().manual_seed(seed))
+    xl.to(next(model.parameters()).device)
+    xl.flags, xl.named = {n: p.requires_grad for n, p in model.named_parameters()}, named
+    mixed = {n: Mixture(model.get_submodule(n), xl, i, {j: ts[n] for j, ts in enumerate(experts.values()) if n in ts})
+             for i, n in enumerate(layers)}
+    model.requires_grad_(False)
+    for n, mx in mixed.items():
+        _set_module(model, n, mx)
+        for p in (*mx.A, *mx.B): p.requires_grad_(hp['train_experts'])
+    model.add_module('xlora', xl)
+    xl.classifier.requires_grad_(True)
+    model.register_forward_pre_hook(xl.before_model, with_kwargs=True)
+    model.register_forward_hook(xl.after_model, with_kwargs=True, always_call=True)
+    return model
+
+def apply_xlora(model: nn.Module, experts: list, seed: int = 0, **hp) -> nn.Module:
+    "X-LoRA over `experts` (the model's LoRA tunings by name, or folders `save_tuning` wrote): only its classifier trains."
+    if hasattr(model, 'xlora'): raise ValueError("the model already has a module named 'xlora': remove_xlora(model) first")
+    if not isinstance(seed, int) or isinstance(seed, bool): raise TypeError(f"seed={seed!r}: expected an int")
+    hp = check_xlora(hp, len(experts) if isinstance(experts, (list, tuple)) else 1)
+    found = _experts_of(model, experts)
+    named = model.__dict__.pop('_subspace_named', None)              # held by X-LoRA while it runs, given back by remove_xlora
+    try: return _attach(model, found, hp, seed, named)
+    except BaseException:
+        if named is not None: model.__dict__['_subspace_named'] = named
+        raise
+
+def remove_xlora(model: nn.Module) -> nn.Module:
+    "Take X-LoRA off: the plain layers, the flags from before, and the model's named tunings (its experts) back, none active."
+    xl = getattr(model, 'xlora', None)
+    if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
+    for n in xl.layers: _set_module(model, n, model.get_submodule(n).base)
+    remove_module(model, 'xlora')
+    for n, p in model.named_parameters(): p.requires_grad_(xl.flags.get(n, True))
+    if xl.named is not None: model.__dict__['_subspace_named'] = xl.named
+    return model
+
+@contextlib.contextmanager
+def disable_xlora(model: nn.Module):
+    "Inside: the plain model (no scaling pass, no experts)."
+    xl = getattr(model, 'xlora', None)
+    if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
+    xl.enabled = False
+    try: yield model
+    finally: xl.enabled = True
+
+
+# %% ../../nbs/74_representation.ipynb #c040
+XLORA_CONFIG, XLORA_WEIGHTS = 'xlora.json', 'xlora.safetensors'
+
+def save_xlora(model: nn.Module, path) -> Path:
+    "Save X-LoRA into folder `path`: its settings and each expert's factors per layer (json), the classifier and the factors (safetensors)."
+    xl = getattr(model, 'xlora', None)
+    if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
+    state = {f'classifier.{k}': v for k, v in xl.classifier.state_dict().items()}
+    scales = {e: {} for e in xl.experts}
+    for n in xl.layers:
+        mx = model.get_submodule(n)
+        for j, (A, B) in zip(mx.col.unique_consecutive().tolist(), zip(mx.A, mx.B)):
+            e = xl.experts[j]
+            state[f'{e}/{n}.A'], state[f'{e}/{n}.B'] = A, B
+            scales[e][n] = mx.s[(mx.col == j).nonzero()[0, 0]].item()
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path / XLORA_WEIGHTS))
+    (path / XLORA_CONFIG).write_text(json.dumps(dict(experts=xl.experts, hp=xl.hp, scales=scales), indent=1))
+    return path
+
+def load_xlora(model: nn.Module, path, seed: int = 0) -> nn.Module:
+    "X-LoRA from `save_xlora`'s folder on a plain `model` of the same base: the experts rebuilt from their factors. All or nothing."
+    path = Path(path)
+    cfg, state = json.loads((path / XLORA_CONFIG).read_text()), load_file(str(path / XLORA_WEIGHTS))
+    if hasattr(model, 'xlora') or tuners(model):
+        raise ValueError("load_xlora needs a plain model (no X-LoRA, no tuners in its layers)")
+    hp, experts = check_xlora(cfg['hp'], len(cfg['experts'])), {}
+    for e in cfg['experts']:
+        experts[e] = {}
+        for n, s in cfg['scales'][e].items():
+            A, B = state[f'{e}/{n}.A'], state[f'{e}/{n}.B']
+            t = LoRA(model.get_submodule(n), r=A.shape[0], alpha=s * A.shape[0])   # shapes checked against the layer
+            if tuple(t.A.shape) != tuple(A.shape) or tuple(t.B.shape) != tuple(B.shape):
+                raise ValueError(f"{path}: expert {e!r} at {n} has factors {tuple(A.shape)}, {tuple(B.shape)}; this model's "
+                                 f"layer takes {tuple(t.A.shape)}, {tuple(t.B.shape)}: it was saved on another base model")
+            with torch.no_grad(): t.A.copy_(A); t.B.copy_(B)
+            experts[e][n] = t
+    _attach(model, experts, hp, seed)
+    try: model.xlora.classifier.load_state_dict({k[len('classifier.'):]: v for k, v in state.items() if k.startswith('classifier.')})
+    except BaseException:
+        remove_xlora(model); raise
+    return model
+

@@ -1,0 +1,146 @@
+"""X-LoRA (a function, not a registered method) against the matrix's contract: gradients only in the classifier, the
+parameter count, one expert = that expert, disable, save/load, remove, all-or-nothing, and generation with the cache."""
+import tempfile
+import pytest, torch
+from subspace_nb.catalogue.representation import (apply_xlora, remove_xlora, disable_xlora, save_xlora, load_xlora,
+                                                  xlora_params)
+from subspace_nb.inject import tuners
+from subspace_nb.named import add_tuning, set_tuning, tuning_names, active_tuning
+from subspace_nb.models import tiny_model, tiny_lm, tiny_batch
+
+
+def nudge(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in tuners(m).values(): t.B.add_(0.3 * torch.randn(t.B.shape, generator=g))
+    return m
+
+
+def two_experts(model):
+    nudge(add_tuning(model, 'a', 'lora', r=2, seed=0), 1)
+    return nudge(add_tuning(model, 'b', 'lora', r=3, targets=['query'] if model.config.model_type == 'bert' else None, seed=1), 2)
+
+
+def test_contract_on_bert():
+    x = tiny_batch()
+    with torch.no_grad(): y0 = tiny_model('bert')(**x).logits
+    m = two_experts(tiny_model('bert'))
+    with torch.no_grad(): yb = m(**x).logits
+    apply_xlora(m, ['a', 'b'], depth=2, size=8, dropout=0.0)
+    L = len(m.xlora.layers)
+    assert L == 12
+    out = m(**x).logits
+    out.square().sum().backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {f'xlora.classifier.{i}.{w}' for i in (0, 2) for w in ('weight', 'bias')}
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == xlora_params(32, 2, L, depth=2, size=8)
+    with disable_xlora(m), torch.no_grad(): torch.testing.assert_close(m(**x).logits, y0)
+    with tempfile.TemporaryDirectory() as d:
+        save_xlora(m, d)
+        with torch.no_grad(): torch.testing.assert_close(load_xlora(tiny_model('bert'), d)(**x).logits, out.detach())
+    remove_xlora(m)
+    assert (tuning_names(m), active_tuning(m)) == (['a', 'b'], None)
+    with torch.no_grad(): assert torch.equal(set_tuning(m, 'b')(**x).logits, yb)
+
+
+def test_one_expert_is_that_expert_and_folders_load():
+    x = tiny_batch()
+    m = nudge(add_tuning(tiny_model('bert'), 'a', 'lora', r=2, seed=0), 1)
+    with torch.no_grad(): ya = m(**x).logits
+    with tempfile.TemporaryDirectory() as d:
+        from subspace_nb.inject import save_tuning
+        save_tuning(m, f'{d}/a')
+        x2 = apply_xlora(tiny_model('bert'), [f'{d}/a'])
+        with torch.no_grad(): torch.testing.assert_close(x2(**x).logits, ya)
+
+
+def test_refusals_leave_the_model_as_it_was():
+    m = two_experts(tiny_model('bert'))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match='top_k=3'): apply_xlora(m, ['a', 'b'], top_k=3)
+    with pytest.raises(ValueError, match="expert 'c'"): apply_xlora(m, ['a', 'c'])
+    assert (tuning_names(m), active_tuning(m)) == (['a', 'b'], 'b')
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    ia3 = add_tuning(tiny_model('bert'), 'i', 'ia3')
+    add_tuning(ia3, 'l', 'lora', r=2)
+    with pytest.raises(TypeError, match="'ia3' tuning"): apply_xlora(ia3, ['l', 'i'])
+    assert (tuning_names(ia3), active_tuning(ia3)) == (['i', 'l'], 'l')
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama'])
+def test_cached_generation_equals_uncached(arch):
+    lm = two_experts(tiny_lm(arch))
+    apply_xlora(lm, ['a', 'b'], scaling_pass_value=0.5)
+    with torch.no_grad(): lm.xlora.classifier[0].weight.mul_(30)
+    ids = torch.randint(2, 99, (2, 5), generator=torch.Generator().manual_seed(0))
+    a = lm.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    b = lm.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+# PEFT's X-LoRA (peft is a test-only dependency) against ours, with the same experts and the same classifier. PEFT
+# needs `use_cache=False` on the base model and adapters keyed '0', '1', ... (it loads them under their index).
+EXPERTS = [(2, ['q_proj', 'v_proj']), (3, ['q_proj', 'o_proj']), (2, ['v_proj', 'down_proj'])]   # (r, targets)
+SETTINGS = [  # PEFT XLoraConfig fields -> ours
+    (dict(layerwise_scalings=True, xlora_depth=1, softmax_temperature=0.7, scaling_pass_value=0.3,
+          global_scaling_weight=0.8),
+     dict(layerwise=True, depth=1, temperature=0.7, scaling_pass_value=0.3, weight=0.8)),
+    (dict(layerwise_scalings=False, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.1, top_k_lora=2),
+     dict(layerwise=False, depth=2, size=8, dropout=0.1, top_k=2)),
+    (dict(layerwise_scalings=True, xlora_depth=3, xlora_size=6, enable_softmax=False, top_k_lora=2,
+          enable_softmax_topk=True),
+     dict(layerwise=True, depth=3, size=6, softmax=False, top_k=2, softmax_topk=True)),
+]
+
+
+@pytest.fixture(scope='module')
+def peft_experts(tmp_path_factory):
+    "Three LoRA experts saved by PEFT (drawn off init: B is not 0), of different ranks and layers."
+    from peft import LoraConfig, get_peft_model
+    d, paths = tmp_path_factory.mktemp('experts'), {}
+    for i, (r, targets) in enumerate(EXPERTS):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(tiny_lm('llama'), LoraConfig(r=r, lora_alpha=1.5 * r + i, target_modules=targets,
+                                                         init_lora_weights=False))
+        pm.save_pretrained(d / str(i)); paths[str(i)] = str(d / str(i))
+    return paths
+
+
+@pytest.mark.parametrize('setting', range(len(SETTINGS)))
+def test_equals_peft_xlora(peft_experts, setting):
+    import warnings
+    from peft import XLoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    theirs, ours = SETTINGS[setting]
+    base = tiny_lm('llama'); base.config.use_cache = False
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        px = get_peft_model(base, XLoraConfig(task_type='CAUSAL_LM', hidden_size=32, adapters=peft_experts, **theirs))
+    px.eval()
+    clf = px.base_model.internal_xlora_classifier.layers
+    g = torch.Generator().manual_seed(setting)
+    with torch.no_grad():
+        for p in clf.parameters(): p.copy_(2 * torch.randn(p.shape, generator=g))   # off init, gates far from uniform
+    m = tiny_lm('llama')
+    for i, (r, targets) in enumerate(EXPERTS):      # the same experts as our named tunings: A = lora_A, B = lora_B
+        w = load_file(f'{peft_experts[str(i)]}/adapter_model.safetensors')
+        add_tuning(m, str(i), 'lora', r=r, alpha=1.5 * r + i, targets=targets, seed=i)
+        ts = tuners(m)
+        assert len(ts) == 2 * len(targets)
+        with torch.no_grad():
+            for n, t in ts.items():
+                t.A.copy_(w[f'base_model.model.{n}.lora_A.weight']); t.B.copy_(w[f'base_model.model.{n}.lora_B.weight'])
+    apply_xlora(m, [str(i) for i in range(len(EXPERTS))], **ours)
+    m.eval()
+    assert len(m.xlora.layers) == px.base_model.internal_xlora_classifier.n_layers
+    m.xlora.classifier.load_state_dict(clf.state_dict())
+    ids = torch.randint(2, 99, (2, 6), generator=torch.Generator().manual_seed(0))
+    yp, y = px(input_ids=ids).logits, m(input_ids=ids).logits
+    with torch.no_grad(): y0 = tiny_lm('llama')(input_ids=ids).logits
+    assert (y - y0).abs().max() > 1e-2                                   # the experts act
+    torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.xlora.last, m.xlora.route(px.base_model.internal_xlora_scalings), rtol=1e-5, atol=1e-5)   # PEFT keeps them before top_k
+    (yp * y0).sum().backward(); (y * y0).sum().backward()
+    for (n, p), (k, q) in zip(clf.named_parameters(), m.xlora.classifier.named_parameters()):
+        assert n == k and p.grad.abs().sum() > 0
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())   # float32 sums
