@@ -34,10 +34,10 @@ class DoRA(LoRA):
         super().__init__(base, r=r, alpha=alpha, dropout=dropout, mpc=mpc, mpc_weight=mpc_weight, generator=generator,
                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
         self.detach_norm = detach_norm
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(self.W.detach().float(), dim=1))   # ||W||_c, (m,)
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(self.W.detach().to(self.B.dtype), dim=1))   # ||W||_c, (m,), the factors' dtype
 
     def direction(self) -> torch.Tensor:
-        r"$W + sAB$ in torch layout, float32 `(m, n)`; without a graph when the norm is detached."
+        r"$W + sAB$ in torch layout `(m, n)`, in the factors' dtype; without a graph when the norm is detached."
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
             return plus_low_rank(self.W.to(self.B.dtype), self.B, self.A, self.s)    # one pass: W + s A B, in the factors' dtype
 
@@ -60,8 +60,8 @@ class DoRA(LoRA):
         return (self.scale(V)[:, None] * V).to(self.W.dtype), self.b
 
     def delta(self):
-        r"The whole change $W' - W$ (float32), i.e. eq. 28's $W(D - I) + ABD$."
-        return self.tuned()[0].float() - self.W.float()
+        r"The whole change $W' - W$ (in the factors' dtype), i.e. eq. 28's $W(D - I) + ABD$."
+        return self.tuned()[0].to(self.B.dtype) - self.W.to(self.B.dtype)
 
     @classmethod
     def n_params(cls, n, m, r=8, **hp): return super().n_params(n, m, r=r) + m
@@ -78,21 +78,22 @@ def canonical_signs(U: torch.Tensor, V: torch.Tensor):
 WHICH = ('top', 'bottom')
 
 def singular_triplets(W: torch.Tensor, r: int, which: str = 'top', seed: int = 0, q: int = 16):
-    r"""`U (n, r), S (r,), V (m, r)`, float32, of `W` `(n, m)`: the `r` largest singular values (`which='top'`, by
-    `svd_top` with `q` power iterations and `max(r, 16)` extra columns) or the `r` smallest (`'bottom'`, full SVD);
-    signs by `canonical_signs`."""
+    r"""`U (n, r), S (r,), V (m, r)` of `W` `(n, m)`, in `W`'s dtype (float32 at least: float64 stays float64): the `r`
+    largest singular values (`which='top'`, by `svd_top` with `q` power iterations and `max(r, 16)` extra columns) or
+    the `r` smallest (`'bottom'`, full SVD); signs by `canonical_signs`."""
     if which not in WHICH: raise ValueError(f"which={which!r}: expected one of {WHICH}")
     check_rank(r, *W.shape)
-    if which == 'top': U, S, Vh = svd_top(W, r, q=q, oversample=max(r, 16), seed=seed)
+    dt = torch.promote_types(W.dtype, torch.float32)
+    if which == 'top': U, S, Vh = svd_top(W, r, q=q, oversample=max(r, 16), seed=seed, dtype=dt)
     else:
-        U, S, Vh = svd(W)
+        U, S, Vh = svd(W, dt)
         U, S, Vh = U[:, -r:], S[-r:], Vh[-r:]
     U, V = canonical_signs(U, Vh.T)
     return U.contiguous(), S.contiguous(), V.contiguous()
 
 # %% ../../nbs/30_combination.ipynb #c029
 class SVDTuner(Tuner):
-    r"Keeps $k$ singular triplets of $W$ (float32 buffers, computed once at build) and adds a $\Delta W$ built on them."
+    r"Keeps $k$ singular triplets of $W$ (buffers in $W$'s dtype, float32 at least, computed once at build) and adds a $\Delta W$ built on them, in that dtype."
     mode = 'combination'
 
     def __init__(self, base, k: int):
@@ -104,11 +105,11 @@ class SVDTuner(Tuner):
         self.register_buffer('V', V, persistent=False)                     # (m, k) output side
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        r"$x\Delta W$ computed on activations, float32."
+        r"$x\Delta W$ computed on activations, in the buffers' dtype."
         raise NotImplementedError
 
     def forward_tuned(self, x):
-        return self.base(x) + self.branch(x.float()).to(x.dtype)
+        return self.base(x) + self.branch(x.to(self.S.dtype)).to(x.dtype)
 
     def extra_repr(self): return f"n={self.n}, m={self.m}, k={self.k}" + (", merged" if self.merged else "")
 
@@ -130,11 +131,16 @@ class SpectralAdapter(SVDTuner):
         self.A = self.new(self.n, r, init='zeros')                          # (n, r), added to U_r
         self.B = self.new(self.m, r, init='zeros')                          # (m, r), added to V_r
 
+    def factors(self):                                                      # A, B in the buffers' dtype (exact when wider)
+        return self.A.to(self.S.dtype), self.B.to(self.S.dtype)
+
     def branch(self, x):                                                    # (xA) S (V_r + B)^T + (x U_r) S B^T
-        return ((x @ self.A) * self.S) @ (self.V + self.B).T + ((x @ self.U) * self.S) @ self.B.T
+        A, B = self.factors()
+        return ((x @ A) * self.S) @ (self.V + B).T + ((x @ self.U) * self.S) @ B.T
 
     def delta(self):                                                        # Delta W^T = (V_r + B) S A^T + B S U_r^T, (m, n)
-        return ((self.V + self.B) * self.S) @ self.A.T + (self.B * self.S) @ self.U.T
+        A, B = self.factors()
+        return ((self.V + B) * self.S) @ A.T + (B * self.S) @ self.U.T
 
     @classmethod
     def n_params(cls, n, m, r=8): return r * (n + m)
@@ -153,7 +159,7 @@ class SVDiff(SVDTuner):
         super().__init__(base, k=min(n, m) if k is None else k)
         self.D = self.new(self.k, init='zeros')                             # the spectral shift, diag(D), (k,)
 
-    def shift(self): return torch.maximum(self.D, -self.S)                  # H_Sigma(D) = ReLU(S + D) - S
+    def shift(self): return torch.maximum(self.D.to(self.S.dtype), -self.S)   # H_Sigma(D) = ReLU(S + D) - S
 
     def branch(self, x): return ((x @ self.U) * self.shift()) @ self.V.T    # x U H V^T
     def delta(self): return (self.V * self.shift()) @ self.U.T              # Delta W^T = V H U^T, (m, n)
@@ -182,8 +188,9 @@ class SVDLoRA(LoRA):
                          mpc_weight=mpc_weight, generator=generator)
         U, S, V = singular_triplets(self.W.detach().T, r, self.which)       # W (n x m) ~ U_r diag(S_r) V_r^T
         h = (S / self.s).sqrt()                                             # s A0 B0 = U_r S_r V_r^T
-        self.register_buffer('A0', (U * h).T.contiguous(), persistent=False)   # (r, n) = A0^T = (U_r S_r^1/2)^T / sqrt(s)
-        self.register_buffer('B0', (V * h).contiguous(), persistent=False)     # (m, r) = B0^T = V_r S_r^1/2 / sqrt(s)
+        dt = self.A.dtype                                                   # the factors' dtype
+        self.register_buffer('A0', (U * h).T.to(dt).contiguous(), persistent=False)   # (r, n) = A0^T = (U_r S_r^1/2)^T / sqrt(s)
+        self.register_buffer('B0', (V * h).to(dt).contiguous(), persistent=False)     # (m, r) = B0^T = V_r S_r^1/2 / sqrt(s)
         with torch.no_grad(): self.A.copy_(self.A0); self.B.copy_(self.B0)
 
     def forward_tuned(self, x):

@@ -13,8 +13,8 @@ from ..core import _short
 from ..inject import tuners
 
 # %% auto #0
-__all__ = ['QV_TARGETS', 'MASKS', 'bias_of', 'BitFit', 'check_density', 'n_entries', 'DiffPruning', 'project_diffs', 'FishMask',
-           'fisher_scores', 'choose_masks', 'fish_mask_']
+__all__ = ['QV_TARGETS', 'MASKS', 'bias_of', 'BitFit', 'check_density', 'n_entries', 'add_diff', 'DiffPruning', 'project_diffs',
+           'FishMask', 'fisher_scores', 'choose_masks', 'fish_mask_']
 
 # %% ../../nbs/12_mode3_complex.ipynb #c015
 def bias_of(module: nn.Module) -> nn.Parameter | None:
@@ -68,6 +68,11 @@ def n_entries(n: int, m: int, density: float) -> int:
     "How many of the n*m entries a layer of that size may change: round(density*n*m), at least 1."
     return max(1, round(density * n * m))
 
+def add_diff(W: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    "W + D in the wider of their dtypes (float32 at least), rounded once to W's dtype: a float64 layer keeps float64 precision."
+    dt = torch.promote_types(torch.promote_types(W.dtype, D.dtype), torch.float32)
+    return (W.to(dt) + D.to(dt)).to(W.dtype)
+
 # %% ../../nbs/12_mode3_complex.ipynb #c032
 QV_TARGETS = ['query', 'value', 'query_proj', 'value_proj', 'q_proj', 'v_proj', 'c_attn']
 
@@ -89,8 +94,8 @@ class DiffPruning(Tuner):
             raise ValueError(f"alpha_init={alpha_init!r}: the initial log alpha of the gates must be a finite number")
         self.l0 = float(l0)
         dev, shape = self.W.device, (self.m, self.n)
-        self.w = self.new(*shape)                                                           # (m, n) = w^T, float32
-        self.log_alpha = nn.Parameter(torch.full(shape, float(alpha_init), device=dev))     # gate logits, float32
+        self.w = self.new(*shape)                                                           # (m, n) = w^T
+        self.log_alpha = nn.Parameter(torch.full(shape, float(alpha_init), dtype=self.w.dtype, device=dev))   # gate logits, w's dtype
         self.register_buffer('mask', torch.ones(shape, dtype=torch.bool, device=dev))       # M: all ones until projected
         self.register_buffer('projected', torch.zeros((), dtype=torch.bool, device=dev))
 
@@ -104,16 +109,16 @@ class DiffPruning(Tuner):
         return (torch.sigmoid(la) * (self.r - self.l) + self.l).clamp(0, 1)
 
     def delta(self, sample: bool = False) -> torch.Tensor:
-        "The diff in torch layout (m, n), float32: M * z * w before projection (z deterministic unless `sample`), M * w after."
+        "The diff in torch layout (m, n), in w's dtype: M * z * w before projection (z deterministic unless `sample`), M * w after."
         d = self.w * self.mask
         return d if self.projected else d * self.gate(sample)
 
     def tuned(self):
         "W' with the deterministic gate, whatever the mode: what merging writes."
-        return (self.W.float() + self.delta()).to(self.W.dtype), self.b
+        return add_diff(self.W, self.delta()), self.b
 
     def forward_tuned(self, x):
-        W1 = (self.W.float() + self.delta(sample=self.training)).to(self.W.dtype)   # training samples the gates
+        W1 = add_diff(self.W, self.delta(sample=self.training))   # training samples the gates
         return F.linear(x, W1, self.b)             # a dense W' (the method changes any entry); one matmul
 
     @classmethod
@@ -177,7 +182,7 @@ class FishMask(Tuner):
         g = torch.Generator().manual_seed(0) if generator is None else generator
         idx = torch.randperm(self.n * self.m, generator=g)[:k].sort().values
         self.register_buffer('idx', idx.to(self.W.device))                  # flat positions in (m, n): the mask
-        self.d = self.new(k)                                                # the k free entries' changes, float32
+        self.d = self.new(k)                                                # the k free entries' changes
         self.register_buffer('chosen', torch.zeros((), dtype=torch.bool, device=self.W.device))   # mask from scores yet?
 
     @property
@@ -191,11 +196,12 @@ class FishMask(Tuner):
         return M.view(self.m, self.n)
 
     def delta(self) -> torch.Tensor:
-        "M * dW in torch layout (m, n), float32: the k values scattered to their positions."
-        return torch.zeros(self.m * self.n, device=self.d.device).index_add(0, self.idx, self.d).view(self.m, self.n)
+        "M * dW in torch layout (m, n), in d's dtype: the k values scattered to their positions."
+        D = torch.zeros(self.m * self.n, dtype=self.d.dtype, device=self.d.device)
+        return D.index_add(0, self.idx, self.d).view(self.m, self.n)
 
     def tuned(self):
-        return (self.W.float() + self.delta()).to(self.W.dtype), self.b
+        return add_diff(self.W, self.delta()), self.b
 
     def forward_tuned(self, x):
         return F.linear(x, *self.tuned())                                   # W' built once per call; one matmul
