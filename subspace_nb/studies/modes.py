@@ -121,8 +121,8 @@ def mode_of(X: torch.Tensor, W: torch.Tensor, max_rank: int | None = None, slack
     return found('mode3', min(res.values()))
 
 # %% ../../nbs/78_mode_detector.ipynb #c024
-def weight_maps(method, arch: str = 'bert', scale: float = 0.1, seed: int = 1, **hp) -> dict | None:
-    "Layer name -> (phi(W), W), torch layout, of `method` on the tiny `arch` model after seeded noise of size `scale` on its parameters; None if it is not linear in the input."
+def weight_maps(method, arch: str = 'bert', noise: float = 0.1, seed: int = 1, **hp) -> dict | None:
+    "Layer name -> (phi(W), W), torch layout, of `method` on the tiny `arch` model after seeded noise of size `noise` on its parameters (`hp`: the method's own hyper-parameters); None if it is not linear in the input."
     cls = get_method(method)
     if not cls.linear: return None
     model = tiny_model(arch)
@@ -132,7 +132,7 @@ def weight_maps(method, arch: str = 'bert', scale: float = 0.1, seed: int = 1, *
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.requires_grad and not in_any(n, head): p.add_((scale * torch.randn(p.shape, generator=g)).to(p.dtype))
+            if p.requires_grad and not in_any(n, head): p.add_((noise * torch.randn(p.shape, generator=g)).to(p.dtype))
     remove_tuning(model, merge=True)
     return {n: (weight_of(l).detach(), W0[n]) for n, l in model.named_modules() if n in W0 and not in_any(n, head)}
 
