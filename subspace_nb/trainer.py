@@ -45,21 +45,28 @@ def check_plain_trainer(model: nn.Module, optimizer, args=None):
                              f"the regulariser of {_method(model).name!r} (now {float(reg):.4g}) that the model's own loss "
                              "carries. Use SubspaceTrainer, which adds it there")
 
+def _mixture(model) -> bool:
+    "An X-LoRA model (`apply_xlora`): only its classifier trains, over frozen experts that have no protocol to run."
+    return hasattr(model, 'xlora')
+
 class SubspaceCallback(TrainerCallback):
     "The method's hooks in a `transformers.Trainer`: `prepare` before the first step, `step_end` after each optimizer step, `finish` at the end."
     def __init__(self, owned: bool = False):
         self.owned = owned                  # True inside SubspaceTrainer, which builds the decay groups
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
+        if _mixture(model): return
         _method(model)                                                   # a clear error if the model is not tuned
         if not self.owned and optimizer is not None: check_plain_trainer(model, optimizer, args)
         prepare(model, train_dataloader)        # idempotent: a resumed run keeps what its checkpoint holds
         _broadcast_tuning(model)
 
     def on_optimizer_step(self, args, state, control, model=None, **kw):
+        if _mixture(model): return
         step_end(model, state.global_step, state.max_steps)              # global_step: steps done before this one
 
     def on_train_end(self, args, state, control, model=None, **kw):
+        if _mixture(model): return
         finish(model)
         _broadcast_tuning(model)
 

@@ -144,3 +144,19 @@ def test_equals_peft_xlora(peft_experts, setting):
     for (n, p), (k, q) in zip(clf.named_parameters(), m.xlora.classifier.named_parameters()):
         assert n == k and p.grad.abs().sum() > 0
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())   # float32 sums
+
+
+def test_subspace_trainer_trains_the_mixture(tmp_path):
+    "SubspaceTrainer runs an X-LoRA model (no method protocol to run): its classifier moves, the experts stay."
+    from transformers import TrainingArguments
+    from subspace_nb.trainer import SubspaceTrainer
+    m = apply_xlora(two_experts(tiny_model('bert')), ['a', 'b'], dropout=0.0)
+    x = tiny_batch(n=8)
+    rows = [dict(input_ids=i, attention_mask=a, labels=torch.tensor(k % 2)) for k, (i, a) in
+            enumerate(zip(x['input_ids'], x['attention_mask']))]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                             report_to=[], save_strategy='no', logging_strategy='no', disable_tqdm=True)
+    SubspaceTrainer(model=m, args=args, train_dataset=rows).train()
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith('xlora.classifier.') for n in moved), moved
