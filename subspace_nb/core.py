@@ -12,9 +12,9 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['MODES', 'HEAD_NAMES', 'METHODS', 'RESOLVERS', 'HP_RANGES', 'is_conv1d', 'is_linear', 'dims', 'weight_of',
            'set_weight_', 'svd', 'svd_top', 'pinv', 'orth', 'principal_angles', 'project', 'captured', 'effective_rank',
-           'Tuner', 'check_rank', 'in_any', 'head_names', 'shares_storage', 'output_layers', 'linear_names',
-           'find_targets', 'register', 'load_all', 'get_method', 'taxonomy', 'Range', 'hp_range', 'value_ranges',
-           'hparams', 'check_values']
+           'work_dtype', 'Tuner', 'check_rank', 'in_any', 'head_names', 'shares_storage', 'output_layers',
+           'linear_names', 'find_targets', 'register', 'load_all', 'get_method', 'taxonomy', 'Range', 'hp_range',
+           'value_ranges', 'hparams', 'check_values']
 
 # %% ../nbs/00_core.ipynb #c005
 def is_conv1d(layer) -> bool:
@@ -104,6 +104,12 @@ MODES = {
     'full': 'full fine-tuning (reference)',
 }
 
+# %% ../nbs/00_core.ipynb #c016a
+def work_dtype(*ts) -> torch.dtype:
+    "The dtype to compute a tuner's math in: float64 if any of `ts` (tensors or dtypes; None skipped) is float64, else float32."
+    dts = {t if isinstance(t, torch.dtype) else t.dtype for t in ts if t is not None}
+    return torch.float64 if dts & {torch.float64, torch.complex128} else torch.float32
+
 # %% ../nbs/00_core.ipynb #c017
 class Tuner(nn.Module):
     "One frozen layer `base` plus the trainable parameters through which a method re-shapes or extends its weight."
@@ -150,8 +156,8 @@ class Tuner(nn.Module):
         return self.base.tuned()[1] if isinstance(self.base, Tuner) else self.base.bias
 
     def new(self, *shape, init='zeros', generator=None) -> nn.Parameter:
-        "A float32 trainable parameter on the base's device: zeros, ones, or kaiming-uniform(a=sqrt 5)."
-        t = torch.empty(*shape, dtype=torch.float32)
+        "A trainable parameter in `work_dtype(W)` (float32; float64 on a float64 layer) on the base's device: zeros, ones, or kaiming-uniform(a=sqrt 5)."
+        t = torch.empty(*shape, dtype=work_dtype(self.W))
         if init == 'zeros': t.zero_()
         elif init == 'ones': t.fill_(1.)
         elif init == 'kaiming': nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
@@ -174,8 +180,10 @@ class Tuner(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} defines neither delta() nor tuned()")
 
     def tuned(self):
-        r"`(W', b')`, torch layout, deterministic: what the layer amounts to. Default $W + \Delta W$ in float32, rounded once."
-        return (self.W.float() + self.delta().float()).to(self.W.dtype), self.b
+        r"`(W', b')`, torch layout, deterministic: what the layer amounts to. Default $W + \Delta W$ in `work_dtype`, rounded once."
+        W, D = self.W, self.delta()
+        dt = work_dtype(W, D)
+        return (W.to(dt) + D.to(dt)).to(W.dtype), self.b
 
     def regularizer(self) -> torch.Tensor | float:
         "A term the training loop adds to the loss. None by default."

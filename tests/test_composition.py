@@ -81,7 +81,9 @@ def test_composition_contracts(f, g, tmp_path):
     x = tiny_batch()
     with torch.no_grad(): y0 = tiny_model('bert')(**x).logits
     m0 = apply_tuning(tiny_model('bert'), [f, g], **{k: v for k, v in HP.items() if k in _hp(cls)})
-    with torch.no_grad(): torch.testing.assert_close(m0(**x).logits, y0, rtol=1e-4, atol=1e-5)
+    assert cls.preserving == (get_method(f).preserving and get_method(g).preserving)
+    if cls.preserving:                                  # ETHER's reflections are not the identity at init: nor is f,g
+        with torch.no_grad(): torch.testing.assert_close(m0(**x).logits, y0, rtol=1e-4, atol=1e-5)
     r = report(m0)
     assert set(r['by_mode']) == {get_method(f).mode, 'extension'} and sum(r['by_mode'].values()) == r['trainable']
     m = moved(f, g)

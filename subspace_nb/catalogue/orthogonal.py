@@ -30,7 +30,7 @@ class Orthogonal(Tuner):
     def d(self) -> int: return self.n if self.side == 'in' else self.m     # R is d x d
 
     def mul(self, Z: torch.Tensor, t: bool = False) -> torch.Tensor:
-        "`Z @ R` (`t`: `Z @ R.T`) for `Z` of shape (..., d); the callers pass float32."
+        "`Z @ R` (`t`: `Z @ R.T`) for `Z` of shape (..., d), computed in Z's dtype: the callers pass `work_dtype` (float32, or float64)."
         raise NotImplementedError
 
     def post(self, Z: torch.Tensor) -> torch.Tensor:
@@ -38,32 +38,35 @@ class Orthogonal(Tuner):
         raise NotImplementedError
 
     def R(self) -> torch.Tensor:
-        "$R$ as a dense d x d matrix (float32): for checks and reading, never used by the forward."
-        return self.mul(torch.eye(self.d, device=self.W.device))
+        "$R$ as a dense d x d matrix (in `work_dtype` of W): for checks and reading, never used by the forward."
+        return self.mul(torch.eye(self.d, device=self.W.device, dtype=work_dtype(self.W)))
 
     def tuned(self):
-        Wt, b = self.W.float(), self.b                                # W^T, (m, n)
+        W, b = self.W, self.b
+        dt = work_dtype(W)
+        Wt = W.to(dt)                                                 # W^T, (m, n)
         if self.side == 'in': Wt = self.mul(Wt, t=True)               # (R W)^T = W^T R^T: each row of W^T times R^T
         else:
             Wt = self.mul(Wt.T).T                                     # (W R)^T: each row of W times R
-            if b is not None: b = self.mul(b.float()).to(b.dtype)     # b' = b R
+            if b is not None: b = self.mul(b.to(dt)).to(b.dtype)      # b' = b R
         if self.has_post: Wt = self.post(Wt.T).T                       # (R W P)^T: each row of R W times P
-        return Wt.to(self.W.dtype), b
+        return Wt.to(W.dtype), b
 
     def forward_tuned(self, x):
         N = x.numel() // max(x.shape[-1], 1)                          # tokens
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in self._own())) and N * self.d >= self.n * self.m:
             Wt, b = self.tuned()
             return F.linear(x, Wt, b)
+        dt = work_dtype(x)                                            # float32 for half-precision activations
         if self.side == 'out':
             y = self.base(x)
-            return self.mul(y.float()).to(y.dtype)
-        y = self.base(self.mul(x.float()).to(x.dtype))
+            return self.mul(y.to(dt)).to(y.dtype)
+        y = self.base(self.mul(x.to(dt)).to(x.dtype))
         if not self.has_post: return y
         b = self.b                                                    # (x R W) P + b: the bias stays where it was
-        z = y.float() if b is None else y.float() - b.float()
+        z = y.to(dt) if b is None else y.to(dt) - b.to(dt)
         z = self.post(z)
-        return (z if b is None else z + b.float()).to(y.dtype)
+        return (z if b is None else z + b.to(dt)).to(y.dtype)
 
 # %% ../../nbs/70_orthogonal.ipynb #c009
 def check_side(side) -> str:
@@ -79,7 +82,7 @@ def block_mul(Z: torch.Tensor, Rk: torch.Tensor, t: bool = False) -> torch.Tenso
     "`Z @ diag(R_1, ..., R_k, I)` (`t`: the transpose) for `Rk` of shape (k, b, b): one batched product, no loop over blocks."
     k, b, _ = Rk.shape
     Zb = Z[..., :k * b].unflatten(-1, (k, b))                                 # (..., k, b)
-    out = torch.einsum('...kj,kcj->...kc' if t else '...kj,kjc->...kc', Zb, Rk)
+    out = torch.einsum('...kj,kcj->...kc' if t else '...kj,kjc->...kc', Zb, Rk.to(Z.dtype))
     return torch.cat((out.flatten(-2), Z[..., k * b:]), -1)
 
 def skew(q: torch.Tensor, b: int) -> torch.Tensor:
@@ -114,15 +117,15 @@ class OFT(Orthogonal):
         self.coft, self.eps = coft, eps
         self.q = self.new(self.k, self.bs * (self.bs - 1) // 2)              # the strict upper triangles of Q_1..Q_k
 
-    def blocks(self) -> torch.Tensor:
-        "The rotations $R_1..R_k$, (k, b, b)."
-        Q = skew(self.q, self.bs)
+    def blocks(self, dtype=None) -> torch.Tensor:
+        "The rotations $R_1..R_k$, (k, b, b), in `dtype` (default `work_dtype` of q: the solve needs float32 at least)."
+        Q = skew(self.q.to(dtype or work_dtype(self.q)), self.bs)
         if self.coft:                                                        # onto the ball |Q_i|_F <= eps / sqrt(k)
             r = self.eps / math.sqrt(self.k)
             Q = Q * (r / torch.linalg.matrix_norm(Q).clamp_min(r))[:, None, None]
         return cayley(Q)
 
-    def mul(self, Z, t=False): return block_mul(Z, self.blocks(), t)
+    def mul(self, Z, t=False): return block_mul(Z, self.blocks(Z.dtype), t)
 
     @classmethod
     def n_params(cls, n, m, block_size=32, coft=False, eps=6e-5, side='in'):
@@ -146,15 +149,16 @@ class HRA(Orthogonal):
         half = self.new(self.n, r // 2, init='kaiming', generator=generator)
         self.u = nn.Parameter(half.detach().repeat_interleave(2, dim=1))      # (n, r): u_1 = u_2, u_3 = u_4, ...
 
-    def wy(self):
-        r"$U$ (n, r, unit columns) and upper triangular $T$ with $H_1 H_2\cdots H_r = I - UTU^\top$ (compact WY form)."
-        U = self.u / self.u.norm(dim=0)
+    def wy(self, dtype=None):
+        r"$U$ (n, r, unit columns) and upper triangular $T$ with $H_1 H_2\cdots H_r = I - UTU^\top$ (compact WY form), in `dtype` (default `work_dtype` of u)."
+        u = self.u.to(dtype or work_dtype(self.u))
+        U = u / u.norm(dim=0)
         I = torch.eye(U.shape[1], device=U.device, dtype=U.dtype)
         T = torch.linalg.solve_triangular(torch.triu(U.T @ U, 1) + I / 2, I, upper=True)
         return U, T
 
     def mul(self, Z, t=False):
-        U, T = self.wy()                                                     # R = (H_1 ... H_r)^T = I - U T^T U^T
+        U, T = self.wy(Z.dtype)                                              # R = (H_1 ... H_r)^T = I - U T^T U^T
         return Z - ((Z @ U) @ (T if t else T.T)) @ U.T                       # two thin products: O(d r) per row
 
     @classmethod
@@ -164,6 +168,7 @@ class HRA(Orthogonal):
 def rotate_pairs(Z: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     "Features in k groups of 2h, (z1, z2) the two halves of each: (z1, z2) -> (c z1 - s z2, s z1 + c z2), c and s (k, h); the rest as they are."
     k, h = c.shape
+    c, s = c.to(Z.dtype), s.to(Z.dtype)
     z1, z2 = Z[..., :2 * k * h].unflatten(-1, (k, 2, h)).unbind(-2)
     out = torch.stack((c * z1 - s * z2, s * z1 + c * z2), -2).flatten(-3)
     return torch.cat((out, Z[..., 2 * k * h:]), -1)
@@ -219,20 +224,24 @@ class DeLoRA(Tuner):
         self.r = r
         self.A = self.new(r, self.n, init='kaiming', generator=generator)        # (r, n): a_i as rows
         self.B = self.new(self.m, r)                                             # (m, r): b_i as columns, 0 at init
-        self.lam = nn.Parameter(torch.full((1,), float(lam), device=self.W.device))
-        self.register_buffer('w_norm', self.W.detach().float().norm(dim=0), persistent=False)   # (n,): |w_j|
+        W, dt = self.W.detach(), work_dtype(self.W)
+        self.lam = nn.Parameter(torch.full((1,), float(lam), device=W.device, dtype=dt))
+        self.register_buffer('w_norm', W.to(dt).norm(dim=0), persistent=False)   # (n,): |w_j|
 
-    def xi(self) -> torch.Tensor:
-        r"$\xi_i = \lambda / (r\,\|a_i\|\,\|b_i\|)$, (r,)."
-        return self.lam / self.r / (self.A.norm(dim=1).clamp_min(1e-4) * self.B.norm(dim=0).clamp_min(1e-4))
+    def factors(self, dt):
+        r"$A$, $B$, $\xi_i = \lambda / (r\,\|a_i\|\,\|b_i\|)$ (r,) and the norms $D_w$, all in `dt`."
+        A, B, lam, w = (t.to(dt) for t in (self.A, self.B, self.lam, self.w_norm))
+        return A, B, lam / self.r / (A.norm(dim=1).clamp_min(1e-4) * B.norm(dim=0).clamp_min(1e-4)), w
 
     def delta(self):
-        return ((self.B * self.xi()) @ self.A) * self.w_norm                   # (m, n) = (D_w A^T Xi B^T)^T
+        A, B, xi, w = self.factors(work_dtype(self.A))
+        return ((B * xi) @ A) * w                                               # (m, n) = (D_w A^T Xi B^T)^T
 
     def forward_tuned(self, x):
         y = self.base(x)
-        h = ((x.float() * self.w_norm) @ self.A.T) * self.xi()                  # (x D_w) A^T Xi, (..., r)
-        return y + (h @ self.B.T).to(y.dtype)
+        A, B, xi, w = self.factors(work_dtype(x))
+        h = ((x.to(A.dtype) * w) @ A.T) * xi                                    # (x D_w) A^T Xi, (..., r)
+        return y + (h @ B.T).to(y.dtype)
 
     @classmethod
     def n_params(cls, n, m, r=8, lam=15.0): return r * (n + m) + 1
@@ -281,9 +290,9 @@ class BOFT(Orthogonal):
         self.register_buffer('perm', p.to(self.W.device), persistent=False)  # Z P_i^T = Z[..., perm[i]]
         self.register_buffer('inv', p.argsort(-1).to(self.W.device), persistent=False)   # Z P_i = Z[..., inv[i]]
 
-    def blocks(self) -> torch.Tensor:
-        "The Cayley blocks of every factor, (factors, k, b, b): one batched solve."
-        return cayley(skew(self.q, self.bs))
+    def blocks(self, dtype=None) -> torch.Tensor:
+        "The Cayley blocks of every factor, (factors, k, b, b), in `dtype` (default `work_dtype` of q): one batched solve."
+        return cayley(skew(self.q.to(dtype or work_dtype(self.q)), self.bs))
 
     def through(self, Z, B, t=False):
         "`Z @ R` (`t`: `Z @ R.T`) factor by factor: a gather, one batched block product, a gather."
@@ -292,12 +301,12 @@ class BOFT(Orthogonal):
         return Z
 
     def mul(self, Z, t=False):
-        B = self.blocks()
+        B = self.blocks(Z.dtype)
         if Z.numel() > self.d * self.d:                      # more rows than d: R once, through the factors, then one GEMM
-            return Z @ self.through(torch.eye(self.d, device=Z.device), B, t)
+            return Z @ self.through(torch.eye(self.d, device=Z.device, dtype=Z.dtype), B, t)
         return self.through(Z, B, t)
 
-    def post(self, Z): return Z * self.s
+    def post(self, Z): return Z * self.s.to(Z.dtype)
 
     @classmethod
     def n_params(cls, n, m, block_size=8, factors=2):
@@ -313,6 +322,7 @@ def ether_blocks(d: int, n_blocks: int) -> tuple[int, int]:
 def reflect(Z: torch.Tensor, U: torch.Tensor, c) -> torch.Tensor:
     r"`Z @ diag(H_1, ..., H_k, I)`, $H_i = I + \sum_j c_j\hat u_{ji}\hat u_{ji}^\top$ for `U` (j, k, b), `c` j numbers: two einsums, no loop over blocks."
     j, k, b = U.shape
+    U = U.to(Z.dtype)
     Uh = U / U.norm(dim=-1, keepdim=True)
     Zb = Z[..., :k * b].unflatten(-1, (k, b))
     p = torch.einsum('...kb,jkb->...jk', Zb, Uh) * torch.tensor(c, dtype=Z.dtype, device=Z.device)[:, None]
@@ -394,7 +404,7 @@ class GOFT(Orthogonal):
             Z = rotate_pairs(Z, cl.view(k, h), (-sl if t else sl).view(k, h))
         return Z
 
-    def post(self, Z): return Z * self.s
+    def post(self, Z): return Z * self.s.to(Z.dtype)
 
     @classmethod
     def n_params(cls, n, m, n_layers=None, scale=False):

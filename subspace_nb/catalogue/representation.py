@@ -35,21 +35,22 @@ def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
 
 class Intervention(nn.Module):
     r"LoReFT at one block: $\Phi(h) = h + R^\top(Wh + b - Rh)$ with $R$ the orthonormalised rows of $A$."
-    def __init__(self, d: int, r: int, generator: torch.Generator | None = None, device=None):
+    def __init__(self, d: int, r: int, generator: torch.Generator | None = None, device=None, dtype=torch.float32):
         super().__init__()
         check_rank(r, d, d)
         bound = 1 / math.sqrt(d)                                    # nn.Linear(d, r)'s initialisation
         A = torch.linalg.qr(torch.randn(d, r, generator=generator)).Q.T
         W = torch.empty(r, d).uniform_(-bound, bound, generator=generator)
         b = torch.empty(r).uniform_(-bound, bound, generator=generator)
-        self.A, self.W, self.b = (nn.Parameter(t.to(device)) for t in (A, W, b))   # float32
+        self.A, self.W, self.b = (nn.Parameter(t.to(device, dtype)) for t in (A, W, b))   # the model's work dtype
 
     @property
-    def R(self) -> torch.Tensor: return orthonormal_rows(self.A)
+    def R(self) -> torch.Tensor: return orthonormal_rows(self.A.to(work_dtype(self.A)))   # QR needs float32 at least
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        R, x = self.R, h.float()
-        return h + ((x @ (self.W - R).T + self.b) @ R).to(h.dtype)   # h + (W h + b - R h) R, row form
+        dt = work_dtype(h, self.A)
+        R, x = orthonormal_rows(self.A.to(dt)), h.to(dt)
+        return h + ((x @ (self.W.to(dt) - R).T + self.b.to(dt)) @ R).to(h.dtype)   # h + (W h + b - R h) R, row form
 
     def extra_repr(self): return f"d={self.A.shape[1]}, r={self.A.shape[0]}"
 
@@ -86,10 +87,10 @@ class Interventions(nn.Module):
     "The LoReFT interventions of a model, one per selected block, and the hooks that apply them."
     is_tuning = True
 
-    def __init__(self, names: list, d: int, r: int, positions: str, generator=None, device=None):
+    def __init__(self, names: list, d: int, r: int, positions: str, generator=None, device=None, dtype=torch.float32):
         super().__init__()
         self.names, self.positions, self.span = list(names), positions, parse_positions(positions)
-        self.ivs = nn.ModuleList([Intervention(d, r, generator, device) for _ in names])
+        self.ivs = nn.ModuleList([Intervention(d, r, generator, device, dtype) for _ in names])
         self.enabled, self.where = True, None                     # where: (batch, tokens) bool of this call, None = all
 
     def before_model(self, model, args, kwargs):
@@ -175,8 +176,8 @@ class LoReFT(Tuner):
         d = widths.pop()
         check_rank(r, d, d)
         if hasattr(model, cls.attr): raise ValueError(f"the model already has a module named {cls.attr!r}")
-        device = next(next(iter(layers.values())).parameters()).device
-        ivs = Interventions(list(layers), d, r, positions, generator, device)
+        p = next(next(iter(layers.values())).parameters())
+        ivs = Interventions(list(layers), d, r, positions, generator, p.device, work_dtype(p))   # float64 for a float64 model
         model.add_module(cls.attr, ivs)
         model.register_forward_pre_hook(ivs.before_model, with_kwargs=True)
         model.register_forward_hook(ivs.after_model, with_kwargs=True, always_call=True)

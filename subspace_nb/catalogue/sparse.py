@@ -137,14 +137,15 @@ class MiSS(Tuner):
         self.D = self.new(r, w)                                   # D, (r, m'): 0, the layer starts unchanged
 
     def full_D(self) -> torch.Tensor:
-        "D tiled across the m outputs, (r, m)."
-        return self.D if self.mini_r == self.m else self.D.repeat(1, self.m // self.mini_r)
+        "D tiled across the m outputs, (r, m), in `work_dtype` (float32 also after a cast to bfloat16)."
+        D = self.D.to(work_dtype(self.D))
+        return D if self.mini_r == self.m else D.repeat(1, self.m // self.mini_r)
 
     def forward_tuned(self, x):
-        y = self.base(x)
-        x, pad = x.to(torch.float32), -self.n % self.r
+        y, D = self.base(x), self.full_D()
+        x, pad = x.to(D.dtype), -self.n % self.r
         xs = (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, self.r)).sum(-2)   # x S, (..., r): shards summed
-        return y + (xs @ self.full_D()).to(y.dtype)
+        return y + (xs @ D).to(y.dtype)
 
     def delta(self):
         "(S D)^T in torch layout (m, n): column j of it is row j mod r of D."

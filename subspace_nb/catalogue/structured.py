@@ -23,7 +23,7 @@ class Structured(Tuner):
     s: float = 1.0
 
     def structure(self) -> torch.Tensor:
-        r"$S(\theta)$ in torch layout $(m, n)$, float32, without the scale $s$."
+        r"$S(\theta)$ in torch layout $(m, n)$, in `work_dtype` of its parameters, without the scale $s$."
         raise NotImplementedError
 
     def delta(self): return self.s * self.structure()
@@ -126,7 +126,8 @@ class FourierFT(Structured):
         self.c = self.new(n_frequency)                                          # the trained coefficients, 0 at init
 
     def structure(self):
-        Fm = torch.zeros(self.m, self.n, device=self.c.device).index_put((self.loc[0], self.loc[1]), self.c)
+        c = self.c.to(work_dtype(self.c))                                       # the FFT needs float32 at least
+        Fm = torch.zeros(self.m, self.n, device=c.device, dtype=c.dtype).index_put((self.loc[0], self.loc[1]), c)
         return torch.fft.ifft2(Fm).real                                         # (m, n)
 
     @classmethod
@@ -166,13 +167,15 @@ class C3A(Structured):
         self.register_buffer('shift', (b_[None, :] - b_[:, None]) % self.block, persistent=False)   # [t, u] = (u - t) mod b
 
     def structure(self):                                                         # block (i, j), [t, u] = w_ij[(u - t) mod b]
-        return self.kernel[:, :, self.shift].permute(0, 2, 1, 3).reshape(self.m, self.n)
+        kernel = self.kernel.to(work_dtype(self.kernel))
+        return kernel[:, :, self.shift].permute(0, 2, 1, 3).reshape(self.m, self.n)
 
     def forward_tuned(self, x):
         if not (torch.is_grad_enabled() and self.kernel.requires_grad): return super().forward_tuned(x)   # one GEMM
         y = self.base(x)
-        X = torch.fft.rfft(x.float().unflatten(-1, (self.n // self.block, self.block)))         # (..., n/b, b/2+1)
-        K = torch.fft.rfft(self.kernel).conj()                                         # (m/b, n/b, b/2+1)
+        kernel = self.kernel.to(work_dtype(self.kernel))                                 # the FFT needs float32 at least
+        X = torch.fft.rfft(x.to(kernel.dtype).unflatten(-1, (self.n // self.block, self.block)))   # (..., n/b, b/2+1)
+        K = torch.fft.rfft(kernel).conj()                                              # (m/b, n/b, b/2+1)
         u = torch.fft.irfft(torch.einsum('...jk,ijk->...ik', X, K), n=self.block)            # (..., m/b, b): all blocks at once
         return y + (self.s * u.flatten(-2)).to(y.dtype)
 
@@ -224,17 +227,20 @@ class RandLoRA(Shared):
 
     def scaled(self) -> torch.Tensor:
         r"$[\Lambda_1 A\Gamma_1; \dots; \Lambda_N A\Gamma_N]$, $(N r, \text{short})$: the trained vectors folded into the short basis."
-        return (self.lam.T[:, :, None] * self.A * self.gamma[:, None, :]).flatten(0, 1)
+        dt = work_dtype(self.lam)
+        return (self.lam.to(dt).T[:, :, None] * self.A.to(dt) * self.gamma.to(dt)[:, None, :]).flatten(0, 1)
 
     def forward_tuned(self, x):
         y = self.base(x)
-        Z, B, h = self.scaled(), self.B, x.to(torch.float32)
+        Z = self.scaled()
+        B, h = self.B.to(Z.dtype), x.to(Z.dtype)
         if self.n <= self.m: u = F.linear(F.linear(h, Z), B)                  # x (B Z)^T: n is the short side
         else: u = F.linear(F.linear(h, B.T), Z.T)                               # x B Z: n is the long side
         return y + (self.s * u).to(y.dtype)
 
     def delta(self):
-        M = self.B @ self.scaled()                                              # (long, short)
+        Z = self.scaled()
+        M = self.B.to(Z.dtype) @ Z                                              # (long, short)
         return self.s * (M if self.n <= self.m else M.T)                        # torch layout (m, n)
 
     @classmethod
@@ -278,9 +284,12 @@ class VBLoRA(Shared):
     @property
     def bank(self): return self.factor('bank')                                  # (h, L), shared by the model, trained
     @property
-    def A(self): return bank_mix(self.logits_A, self.bank, self.k).flatten(1)   # (r, n)
+    def dt(self): return work_dtype(self.logits_A)                             # float32 also after a cast to bfloat16
+
     @property
-    def B(self): return bank_mix(self.logits_B, self.bank, self.k).transpose(1, 2).flatten(0, 1)   # (m, r)
+    def A(self): return bank_mix(self.logits_A.to(self.dt), self.bank.to(self.dt), self.k).flatten(1)   # (r, n)
+    @property
+    def B(self): return bank_mix(self.logits_B.to(self.dt), self.bank.to(self.dt), self.k).transpose(1, 2).flatten(0, 1)   # (m, r)
 
     @classmethod
     def attach(cls, model, layers, r: int = 4, num_vectors: int = 256, vector_length: int | None = None, topk: int = 2,
@@ -300,7 +309,7 @@ class VBLoRA(Shared):
         A, B = self.A, self.B
         if one_gemm_ok(self, x, A, B): return one_gemm(x, self.W, self.b, A, B)   # x (W + B A)^T + b, one GEMM
         y = self.base(x)
-        return y + F.linear(F.linear(x.to(torch.float32), A), B).to(y.dtype)     # + x A^T B^T, two thin products
+        return y + F.linear(F.linear(x.to(A.dtype), A), B).to(y.dtype)           # + x A^T B^T, two thin products
 
     def delta(self): return self.B @ self.A                                     # (m, n)
 

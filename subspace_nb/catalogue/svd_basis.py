@@ -15,17 +15,23 @@ __all__ = ['SVFT_PATTERNS', 'GAINS', 'ATTENTION', 'SVDBasis', 'band_count', 'svf
 
 # %% ../../nbs/71_svd_basis.ipynb #c005
 class SVDBasis(Tuner):
-    r"$\phi(W) = W + U_kDV_k^\top$: $k$ singular triplets of $W$ (float32 buffers, computed once) and a trained $k\times k$ core $D$ (zero at init)."
+    r"$\phi(W) = W + U_kDV_k^\top$: $k$ singular triplets of $W$ (buffers in `work_dtype` of W, computed once) and a trained $k\times k$ core $D$ (zero at init)."
     def __init__(self, base, k: int):
         super().__init__(base)
         self.k = k
-        P, S, Qh = svd_top(self.W.detach(), k)                           # W^T (m, n) ~ P diag(S) Qh, exact when small
+        W = self.W.detach()
+        P, S, Qh = svd_top(W, k, dtype=work_dtype(W))                     # W^T (m, n) ~ P diag(S) Qh, exact when small
         self.register_buffer('U', Qh.T.contiguous(), persistent=False)    # (n, k) input side (torch papers: right vectors)
         self.register_buffer('S', S.contiguous(), persistent=False)       # (k,) sigma_1 >= ... >= sigma_k
         self.register_buffer('V', P.contiguous(), persistent=False)       # (m, k) output side (torch papers: left vectors)
 
+    @property
+    def dt(self) -> torch.dtype:
+        "The dtype of the tuner's math: `work_dtype` of the triplets (float32 also after a cast to bfloat16)."
+        return work_dtype(self.U)
+
     def core(self) -> torch.Tensor:
-        "$D = C - \\Sigma_k$, dense `(k, k)`, float32."
+        "$D = C - \\Sigma_k$, dense `(k, k)`, in `dt`."
         raise NotImplementedError
 
     def mix(self, z: torch.Tensor) -> torch.Tensor:
@@ -33,10 +39,11 @@ class SVDBasis(Tuner):
         return z @ self.core()
 
     def forward_tuned(self, x):
-        z = x.to(self.U.dtype) @ self.U                                    # (.., k): x on the input-side singular vectors
-        return self.base(x) + (self.mix(z) @ self.V.T).to(x.dtype)         # x W + b + (x U_k D) V_k^T
+        U, V = self.U.to(self.dt), self.V.to(self.dt)
+        z = x.to(self.dt) @ U                                              # (.., k): x on the input-side singular vectors
+        return self.base(x) + (self.mix(z) @ V.T).to(x.dtype)              # x W + b + (x U_k D) V_k^T
 
-    def delta(self): return self.V @ self.core().T @ self.U.T              # (U_k D V_k^T)^T, torch layout (m, n)
+    def delta(self): return self.V.to(self.dt) @ self.core().T @ self.U.to(self.dt).T   # (U_k D V_k^T)^T, torch layout (m, n)
 
     def extra_repr(self): return f"n={self.n}, m={self.m}, k={self.k}" + (", merged" if self.merged else "")
 
@@ -89,11 +96,11 @@ class SVFT(SVDBasis):
         self.M = self.new(idx.shape[1])                                    # the non-zeros of M, (nnz,)
 
     def mix(self, z):                                                      # (z M)_j = sum_i z_i M_ij, non-zeros only
-        src = z[..., self.idx[0]] * self.M                                 # (.., nnz), in the product's dtype (autocast)
+        src = z[..., self.idx[0]] * self.M.to(z.dtype)                     # (.., nnz), in z's dtype
         return src.new_zeros(*z.shape[:-1], self.k).index_add(-1, self.idx[1], src)
 
     def core(self):
-        return torch.zeros(self.k, self.k, device=self.M.device).index_put((self.idx[0], self.idx[1]), self.M)
+        return torch.zeros(self.k, self.k, device=self.M.device, dtype=self.dt).index_put((self.idx[0], self.idx[1]), self.M.to(self.dt))
 
     @classmethod
     def n_params(cls, n, m, pattern='banded', d=2):
@@ -127,16 +134,15 @@ class SubspaceRotation(SVDBasis):
         self.post = self.new(r, init='ones') if 'post' in self.gains else None   # b
 
     def rotation(self):
-        "$R = (I + Q)(I - Q)^{-1}$, the transpose of 70's `cayley(Q)` (float32 at least)."
-        theta = self.theta.to(torch.promote_types(self.theta.dtype, torch.float32))
-        return cayley(self.coeff * skew(theta, self.r)).mT
+        "$R = (I + Q)(I - Q)^{-1}$, the transpose of 70's `cayley(Q)`, in `dt` (float32 at least)."
+        return cayley(self.coeff * skew(self.theta.to(self.dt), self.r)).mT
 
     def core(self):
-        C = self.rotation()
-        if self.pre is not None: C = self.pre[:, None] * C
-        if self.post is not None: C = C * self.post
-        s = self.S if self.shift is None else self.S + self.coeff * self.shift
-        return C * s - torch.diag(self.S)                                    # D = diag(a) R diag(b) diag(s + delta) - Sigma_r
+        C, S = self.rotation(), self.S.to(self.dt)
+        if self.pre is not None: C = self.pre.to(C.dtype)[:, None] * C
+        if self.post is not None: C = C * self.post.to(C.dtype)
+        s = S if self.shift is None else S + self.coeff * self.shift.to(C.dtype)
+        return C * s - torch.diag(S)                                    # D = diag(a) R diag(b) diag(s + delta) - Sigma_r
 
     @classmethod
     def n_params(cls, n, m, r=8, **hp): return r * (r - 1) // 2 + r * len(cls.gains)
@@ -202,9 +208,10 @@ def heads_of(model) -> tuple[int, int]:
     return H, getattr(cfg, 'num_key_value_heads', None) or H
 
 def head_blocks(W: torch.Tensor, b, rows: slice, H: int) -> torch.Tensor:
-    r"The heads' blocks $\tilde W_h = [W_h; b_h]$ of a layer's output rows `rows`: `(H, n(+1), d_h)`, float32, paper layout."
-    Wt = W[rows].float()                                                   # (H d_h, n), torch layout
-    if b is not None: Wt = torch.cat([Wt, b[rows].float()[:, None]], 1)    # the bias as one more input row
+    r"The heads' blocks $\tilde W_h = [W_h; b_h]$ of a layer's output rows `rows`: `(H, n(+1), d_h)`, in `work_dtype(W)`, paper layout."
+    dt = work_dtype(W)
+    Wt = W[rows].to(dt)                                                    # (H d_h, n), torch layout
+    if b is not None: Wt = torch.cat([Wt, b[rows].to(dt)[:, None]], 1)     # the bias as one more input row
     return Wt.reshape(H, -1, Wt.shape[1]).mT                               # (H, n(+1), d_h)
 
 def clover_cores(Wt: torch.Tensor, G: torch.Tensor | None = None, where: str = 'a layer'):
@@ -212,8 +219,8 @@ def clover_cores(Wt: torch.Tensor, G: torch.Tensor | None = None, where: str = '
     With a partner $G_h$ `(H, d, M)`: $\tilde W_hG_h = \tilde U_hT^0_h\tilde V_h^\top$ (the joint SVD, $T^0 = \Sigma$) and
     $P_hG_h = \tilde V_h^\top$. Alone: $\tilde W_h = \tilde U_hT^0_h$ (QR, $T^0 = R$) and $P = I$."""
     Q1, R1 = torch.linalg.qr(Wt)                                            # W~_h = Q1 R1, (H, N, d), (H, d, d)
-    if G is None: return Q1, R1, torch.eye(R1.shape[-1]).expand_as(R1).clone()
-    Q2, R2 = torch.linalg.qr(G.mT)                                          # G_h^T = Q2 R2, (H, M, d)
+    if G is None: return Q1, R1, torch.eye(R1.shape[-1], dtype=R1.dtype, device=R1.device).expand_as(R1).clone()
+    Q2, R2 = torch.linalg.qr(G.mT.to(Wt.dtype))                            # G_h^T = Q2 R2, (H, M, d)
     a, s, bh = torch.linalg.svd(R1 @ R2.mT)                                 # W~ G = Q1 (R1 R2^T) Q2^T = (Q1 a) s (Q2 bh^T)^T
     B = R2.mT @ bh.mT                                                       # G V~, (H, d, d): G_h = B_h V~_h^T
     sv = torch.linalg.svdvals(B)
@@ -248,9 +255,13 @@ class CLOVER(Tuner):
 
     def core(self) -> torch.Tensor: return self.T0 + self.D               # CLOVER's trained T, (G, d, d)
 
+    @property
+    def dt(self) -> torch.dtype: return work_dtype(self.U)                # the tuner's math: float32 at least
+
     def correction(self, z):
-        "$z \\mapsto$ per head $z_h D_h P_h$, on `(.., G d)` coordinates."
-        return torch.einsum('...gd,gde->...ge', z.unflatten(-1, self.P.shape[:2]), self.D @ self.P).flatten(-2)
+        "$z \\mapsto$ per head $z_h D_h P_h$, on `(.., G d)` coordinates, in z's dtype."
+        DP = self.D.to(z.dtype) @ self.P.to(z.dtype)
+        return torch.einsum('...gd,gde->...ge', z.unflatten(-1, self.P.shape[:2]), DP).flatten(-2)
 
     def one_gemm(self, x) -> bool:
         "Whether $x\\phi(W) + b'$ as one GEMM is cheaper: a plain layer below, one dtype, no autocast, and at least $d_h$ tokens (building $\\phi(W)$ costs $nmd_h$)."
@@ -260,16 +271,16 @@ class CLOVER(Tuner):
     def forward_tuned(self, x):
         if self.one_gemm(x): return nn.functional.linear(x, *self.tuned())   # phi(W) keeps W's memory layout (Conv1D too)
         y = self.base(x)                                                   # the thin form: x W + b + per head [x,1] U~ D P
-        z = x.to(self.U.dtype) @ self.U                                    # (.., G d)
-        if self.u0 is not None: z = z + self.u0
+        z = x.to(self.dt) @ self.U.to(self.dt)                             # (.., G d)
+        if self.u0 is not None: z = z + self.u0.to(self.dt)
         return y.index_add(-1, self.idx, self.correction(z).to(y.dtype))
 
     def tuned(self):
-        W, b = self.W, self.b
-        dW = self.correction(self.U)                                       # (n, G d), paper layout
-        W1 = W.float().index_add(0, self.idx, dW.T).to(W.dtype)
+        W, b, dt = self.W, self.b, self.dt
+        dW = self.correction(self.U.to(dt))                                # (n, G d), paper layout
+        W1 = W.to(dt).index_add(0, self.idx, dW.T).to(W.dtype)
         if self.u0 is None: return W1, b
-        return W1, b.float().index_add(0, self.idx, self.correction(self.u0)).to(b.dtype)
+        return W1, b.to(dt).index_add(0, self.idx, self.correction(self.u0.to(dt))).to(b.dtype)
 
     @classmethod
     def select(cls, model, targets, exclude=()) -> Blocks:
@@ -317,7 +328,7 @@ class CLOVER(Tuner):
                 if kind == 'qk':
                     pb = P_.bias.detach() if getattr(P_, 'bias', None) is not None else None
                     G = head_blocks(weight_of(P_).detach(), pb, prows, H).mT  # W~_K^T, (H, d, n(+1))
-                else: G = weight_of(P_).detach().float().T[prows].reshape(H, d, -1)   # W_O's head rows, (H, d, m)
+                else: G = weight_of(P_).detach().T[prows].reshape(H, d, -1)   # W_O's head rows, (H, d, m)
             U, T0, P = clover_cores(Wt, G, where=f'{name} ({partner})')
             Us.append(U); T0s.append(T0); Ps.append(P)
             idx.append(torch.arange(rows.start, rows.stop))

@@ -33,12 +33,12 @@ class SharedFactors(nn.Module):
         self.trainable, self.keys = trainable, []
 
     def add(self, key: str, **tensors) -> int:
-        "Register one group's tensors as `<name>_<i>`: trainable parameters, or buffers kept out of checkpoints."
+        "Register one group's tensors, in the dtype given, as `<name>_<i>`: trainable parameters, or buffers kept out of checkpoints."
         i = len(self.keys)
         self.keys.append(key)
         for k, t in tensors.items():
-            if self.trainable: self.register_parameter(f'{k}_{i}', nn.Parameter(t.float()))
-            else: self.register_buffer(f'{k}_{i}', t.float(), persistent=False)    # regenerated from the seed
+            if self.trainable: self.register_parameter(f'{k}_{i}', nn.Parameter(t))
+            else: self.register_buffer(f'{k}_{i}', t, persistent=False)            # regenerated from the seed
         return i
 
     def get(self, k: str, i: int) -> torch.Tensor: return getattr(self, f'{k}_{i}')
@@ -103,11 +103,12 @@ class Shared(Tuner):
     def share_factors(cls, model, layers: dict, share: str, generator=None, **hp):
         "Draw each group's factors, build every layer's tuner, give the factors to the first tuner, then swap the layers in."
         groups = cls.groups(layers, share)
-        device = weight_of(next(iter(layers.values()))).device
+        W0 = weight_of(next(iter(layers.values())))
+        device, dt = W0.device, work_dtype(W0)           # float32, or float64 for a float64 model, like every tuner's
         sf, built = SharedFactors(cls.trainable_factors), {}
         for key, names in groups.items():                # everything is built before the model changes
             n, m = dims(layers[names[0]])
-            i = sf.add(key, **{k: t.to(device) for k, t in cls.factors(n, m, generator, **hp).items()})
+            i = sf.add(key, **{k: t.to(device, dt) for k, t in cls.factors(n, m, generator, **hp).items()})
             for x in names: built[x] = cls(layers[x], sf, i, generator=generator, **hp).train(layers[x].training)
         first = built[next(iter(layers))]
         first.add_module(cls.attr, sf.train(first.training))   # inside a tuner: no container runs it as a layer
@@ -179,15 +180,22 @@ class VeRA(Shared):
         "The one-GEMM form (`LowRankFn` with B' = Λ_b B Λ_d, s = 1) applies: W frozen, one dtype, enough tokens, a plain layer below."
         return one_gemm_ok(self, x, self.A, self.B, self.lambda_d, self.lambda_b)
 
+    def terms(self):
+        "A, B, d, b in `work_dtype` (float32 also after a cast to bfloat16)."
+        dt = work_dtype(self.lambda_b)
+        return (t.to(dt) for t in (self.A, self.B, self.lambda_d, self.lambda_b))
+
     def forward_tuned(self, x):
         if self.fusable(x):                                                  # x (W + Λ_b B Λ_d A)^T + b, one GEMM
             Bp = self.lambda_b[:, None] * self.B * self.lambda_d             # Λ_b B Λ_d, (m, r): the vectors' gradients flow through it
             return one_gemm(x, self.W, self.b, self.A, Bp)
-        y = self.base(x)
-        z = F.linear(x.to(torch.float32), self.A) * self.lambda_d            # Lambda_d A x, (..., r)
-        return y + (F.linear(z, self.B) * self.lambda_b).to(y.dtype)        # + Lambda_b B Lambda_d A x
+        y, (A, B, d, b) = self.base(x), self.terms()
+        z = F.linear(x.to(A.dtype), A) * d                                   # Lambda_d A x, (..., r)
+        return y + (F.linear(z, B) * b).to(y.dtype)                          # + Lambda_b B Lambda_d A x
 
-    def delta(self): return (self.lambda_b[:, None] * self.B) @ (self.lambda_d[:, None] * self.A)   # (m, n)
+    def delta(self):
+        A, B, d, b = self.terms()
+        return (b[:, None] * B) @ (d[:, None] * A)                           # (m, n)
 
     @classmethod
     def n_params(cls, n, m, r=256, d_init=0.1): return r + m
@@ -227,12 +235,19 @@ class LoTR(Shared):
         for t in (U, V): nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
         return dict(U=U, V=V)
 
-    def forward_tuned(self, x):
-        y = self.base(x)
-        z = F.linear(F.linear(x.to(torch.float32), self.U), self.G.T)       # x U G, (..., r)
-        return y + (self.s * F.linear(z, self.V)).to(y.dtype)               # + s x U G V
+    def terms(self):
+        "U, G, V in `work_dtype` (float32 also after a cast to bfloat16)."
+        dt = work_dtype(self.G)
+        return (t.to(dt) for t in (self.U, self.G, self.V))
 
-    def delta(self): return self.s * (self.V @ self.G.T @ self.U)          # (U G V)^T, (m, n)
+    def forward_tuned(self, x):
+        y, (U, G, V) = self.base(x), self.terms()
+        z = F.linear(F.linear(x.to(G.dtype), U), G.T)                       # x U G, (..., r)
+        return y + (self.s * F.linear(z, V)).to(y.dtype)                    # + s x U G V
+
+    def delta(self):
+        U, G, V = self.terms()
+        return self.s * (V @ G.T @ U)                                       # (U G V)^T, (m, n)
 
     @classmethod
     def group_params(cls, n, m, r=8, alpha=None): return r * (n + m)

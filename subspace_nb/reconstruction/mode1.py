@@ -14,7 +14,7 @@ __all__ = ['SAMParser', 'mode1_fit']
 # %% ../../nbs/10_mode1_singular_values.ipynb #c006
 @register
 class SAMParser(Tuner):
-    r"SAM-PARSER: $W' = U\,\mathrm{diag}(\sigma')\,V^\top$ with $\sigma'$ (float32) initialised to $W$'s singular values."
+    r"SAM-PARSER: $W' = U\,\mathrm{diag}(\sigma')\,V^\top$ with $\sigma'$ (in `work_dtype`: float32, float64 on a float64 layer) initialised to $W$'s singular values."
     name, mode = 'sam-parser', 'mode1'
     equation = "W' = U diag(s') V^T, s' = singular values of W at init (eq. 4)"
     formula = 'min(n, m)'
@@ -25,24 +25,27 @@ class SAMParser(Tuner):
         kmax = min(self.n, self.m)
         if k is not None: check_rank(k, self.n, self.m, 'k')
         self.k, self.top = kmax if k is None else k, k is not None and k < kmax
-        P, S, Qh = svd(self.W.detach())                     # W^T = P diag(S) Q^T   (torch layout, float32)
+        P, S, Qh = svd(self.W.detach(), work_dtype(self.W))  # W^T = P diag(S) Q^T   (torch layout, float32 at least)
         k, dt = self.k, self.W.dtype
         self.register_buffer('U', Qh[:k].T.to(dt).contiguous(), persistent=False)   # (n, k) input side
         self.register_buffer('V', P[:, :k].to(dt).contiguous(), persistent=False)   # (m, k) output side
-        self.register_buffer('S0', S[:k].clone(), persistent=False)                 # sigma at init, float32
-        self.S = nn.Parameter(S[:k].clone())                                         # sigma', float32
+        self.register_buffer('S0', S[:k].clone(), persistent=False)                 # sigma at init, work dtype
+        self.S = nn.Parameter(S[:k].clone())                                         # sigma', work dtype
 
     def forward_tuned(self, x):
-        h = x @ self.U                                                               # (.., k): x's coordinates on u_i
+        h = x @ self.U.to(x.dtype)                                                   # (.., k): x's coordinates on u_i
+        dt = work_dtype(h, self.S)
+        S, S0, V = self.S.to(dt), self.S0.to(dt), self.V.to(x.dtype)
         if self.top:                                                                 # xW + b + ((xU_k)(s' - s)) V_k^T
-            return self.base(x) + (h * (self.S - self.S0)).to(x.dtype) @ self.V.T
-        y = (h * self.S).to(x.dtype) @ self.V.T                                      # ((xU) * s') V^T, W never rebuilt
+            return self.base(x) + (h.to(dt) * (S - S0)).to(x.dtype) @ V.T
+        y = (h.to(dt) * S).to(x.dtype) @ V.T                                         # ((xU) * s') V^T, W never rebuilt
         return y if self.base.bias is None else y + self.base.bias
 
     def tuned(self):
-        U, V = self.U.float(), self.V.float()
-        if not self.top: Wt = (V * self.S) @ U.T                                      # W'^T = V diag(s') U^T
-        else: Wt = self.W.float() + (V * (self.S - self.S0)) @ U.T
+        dt = work_dtype(self.W, self.S)
+        U, V, S = self.U.to(dt), self.V.to(dt), self.S.to(dt)
+        if not self.top: Wt = (V * S) @ U.T                                           # W'^T = V diag(s') U^T
+        else: Wt = self.W.to(dt) + (V * (S - self.S0.to(dt))) @ U.T
         return Wt.to(self.W.dtype), self.b
 
     @classmethod

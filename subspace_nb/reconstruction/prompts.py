@@ -92,7 +92,7 @@ class SoftPrompt(nn.Module):
 
     def __init__(self, P: torch.Tensor, ids: torch.Tensor, at: int, limit: int | None):
         super().__init__()
-        self.P = nn.Parameter(P.float())                           # (l, d): the first l rows of the augmented E, float32
+        self.P = nn.Parameter(P.to(work_dtype(P)))                 # (l, d): the first l rows of the augmented E, float32 (float64 model: float64)
         self.register_buffer('ids', ids, persistent=False)        # placeholder ids (the tokens P started from)
         self.at, self.limit, self._armed = at, limit, False        # insert after `at` tokens
         self.enabled = True                                        # False inside `disable_tuning`: the hooks do nothing
@@ -286,10 +286,10 @@ class Prefixes(nn.Module):
     r"Per attention layer $i$ the trainable $P_K^{(i)}, P_V^{(i)}\in\mathbb{R}^{l\times m_{kv}}$ of prefix tuning."
     is_tuning = True
 
-    def __init__(self, shapes: list, l: int, device):
+    def __init__(self, shapes: list, l: int, device, dtype=torch.float32):
         super().__init__()
         self.shapes, self.l, self.recording = shapes, l, False
-        new = lambda h, d: nn.Parameter(torch.zeros(l, h * d, device=device))      # float32, like every tuner's
+        new = lambda h, d: nn.Parameter(torch.zeros(l, h * d, device=device, dtype=dtype))   # work dtype, like every tuner's
         self.P_k = nn.ParameterList([new(h, d) for h, d in shapes])      # rows of the augmented W_K
         self.P_v = nn.ParameterList([new(h, d) for h, d in shapes])      # rows of the augmented W_V
 
@@ -352,7 +352,7 @@ class PrefixTuning(Tuner):
         if hasattr(model, cls.attr): raise ValueError(f"the model already has a module named {cls.attr!r}")
         mods = list(layers.values())
         w = next(mods[0].parameters())
-        pre = Prefixes([kv_heads(mod) for mod in mods], l, w.device)
+        pre = Prefixes([kv_heads(mod) for mod in mods], l, w.device, work_dtype(w))
         pre.impl = impl
         register_prefix_attention()
         model.add_module(cls.attr, pre)
