@@ -32,9 +32,12 @@ def test_contract_on_bert():
     out = m(**x).logits
     out.square().sum().backward()
     grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert grads == {f'xlora.classifier.{i}.{w}' for i in (0, 2) for w in ('weight', 'bias')}
-    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == xlora_params(32, 2, L, depth=2, size=8)
+    head = {f'{h}.{w}' for h in ('bert.pooler.dense', 'classifier') for w in ('weight', 'bias')}    # the task head trains too
+    assert grads == {f'xlora.classifier.{i}.{w}' for i in (0, 2) for w in ('weight', 'bias')} | head
+    in_head = sum(p.numel() for n, p in m.named_parameters() if n in head)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == xlora_params(32, 2, L, depth=2, size=8) + in_head
     with disable_xlora(m), torch.no_grad(): torch.testing.assert_close(m(**x).logits, y0)
+    with torch.no_grad(): m.classifier.weight.add_(0.5); out = m(**x).logits     # a trained head travels with the folder
     with tempfile.TemporaryDirectory() as d:
         save_xlora(m, d)
         with torch.no_grad(): torch.testing.assert_close(load_xlora(tiny_model('bert'), d)(**x).logits, out.detach())
@@ -159,4 +162,5 @@ def test_subspace_trainer_trains_the_mixture(tmp_path):
                              report_to=[], save_strategy='no', logging_strategy='no', disable_tqdm=True)
     SubspaceTrainer(model=m, args=args, train_dataset=rows).train()
     moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
-    assert moved and all(n.startswith('xlora.classifier.') for n in moved), moved
+    assert moved and all(n.startswith(('xlora.classifier.', 'classifier.', 'bert.pooler.')) for n in moved), moved
+    assert any(n.startswith('xlora.classifier.') for n in moved)

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
-from safetensors.torch import save_file, load_file
 from ..core import *
 from ..core import _short
 from ..reconstruction.prompts import remove_module, as_kwargs, cache_length, model_type
@@ -17,9 +16,7 @@ from ..extension.adapters import blocks
 from ..extension.lora import LoRA
 from ..inject import tuners, _set_module
 from ..named import tuning_names, load_named, delete_tuning, _registry, _adopt, _as_active, _set_aside
-from ..extension.lora import LoRA
-from ..inject import tuners, _set_module
-from ..named import tuning_names, load_named, delete_tuning, _registry, _adopt, _as_active, _set_aside
+from ..inject import default_trainable
 
 # %% auto #0
 __all__ = ['XLORA_HP', 'XLORA_CONFIG', 'XLORA_WEIGHTS', 'orthonormal_rows', 'Intervention', 'hidden_width', 'parse_positions',
@@ -372,7 +369,7 @@ def _experts_of(model, sources) -> dict:
     return found
 
 def _attach(model, experts: dict, hp: dict, seed: int, named=None) -> nn.Module:
-    "Wrap every layer some expert tunes in a `Mixture`, add `model.xlora` and its hooks; only the classifier trains (and the experts if `train_experts`)."
+    "Wrap every layer some expert tunes in a `Mixture`, add `model.xlora` and its hooks; the classifier and the task head train (and the experts if `train_experts`)."
     found = blocks(model)
     if not found: raise TypeError(f"X-LoRA reads the last hidden state of a stack of blocks; this {model_type(model)} model has none")
     d = hidden_width(list(found.values())[-1])
@@ -382,18 +379,20 @@ def _attach(model, experts: dict, hp: dict, seed: int, named=None) -> nn.Module:
     xl.flags, xl.named = {n: p.requires_grad for n, p in model.named_parameters()}, named
     mixed = {n: Mixture(model.get_submodule(n), xl, i, {j: ts[n] for j, ts in enumerate(experts.values()) if n in ts})
              for i, n in enumerate(layers)}
+    xl.heads = default_trainable(model)        # a task head trains, as with every method (a causal LM has none)
     model.requires_grad_(False)
     for n, mx in mixed.items():
         _set_module(model, n, mx)
         for p in (*mx.A, *mx.B): p.requires_grad_(hp['train_experts'])
     model.add_module('xlora', xl)
     xl.classifier.requires_grad_(True)
+    for h in xl.heads: model.get_submodule(h).requires_grad_(True)
     model.register_forward_pre_hook(xl.before_model, with_kwargs=True)
     model.register_forward_hook(xl.after_model, with_kwargs=True, always_call=True)
     return model
 
 def apply_xlora(model: nn.Module, experts: list, seed: int = 0, **hp) -> nn.Module:
-    "X-LoRA over `experts` (the model's LoRA tunings by name, or folders `save_tuning` wrote): only its classifier trains."
+    "X-LoRA over `experts` (the model's LoRA tunings by name, or folders `save_tuning` wrote): its classifier trains, and the base's task head if it has one."
     if hasattr(model, 'xlora'): raise ValueError("the model already has a module named 'xlora': remove_xlora(model) first")
     if not isinstance(seed, int) or isinstance(seed, bool): raise TypeError(f"seed={seed!r}: expected an int")
     hp = check_xlora(hp, len(experts) if isinstance(experts, (list, tuple)) else 1)
@@ -428,10 +427,11 @@ def disable_xlora(model: nn.Module):
 XLORA_CONFIG, XLORA_WEIGHTS = 'xlora.json', 'xlora.safetensors'
 
 def save_xlora(model: nn.Module, path) -> Path:
-    "Save X-LoRA into folder `path`: its settings and each expert's factors per layer (json), the classifier and the factors (safetensors)."
+    "Save X-LoRA into folder `path`: its settings and each expert's factors per layer (json), the classifier, the task head and the factors (safetensors)."
     xl = getattr(model, 'xlora', None)
     if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
     state = {f'classifier.{k}': v for k, v in xl.classifier.state_dict().items()}
+    for h in xl.heads: state |= {f'head/{k}': v for k, v in model.get_submodule(h).state_dict(prefix=f'{h}.').items()}
     scales = {e: {} for e in xl.experts}
     for n in xl.layers:
         mx = model.get_submodule(n)
@@ -462,7 +462,12 @@ def load_xlora(model: nn.Module, path, seed: int = 0) -> nn.Module:
             with torch.no_grad(): t.A.copy_(A); t.B.copy_(B)
             experts[e][n] = t
     _attach(model, experts, hp, seed)
-    try: model.xlora.classifier.load_state_dict({k[len('classifier.'):]: v for k, v in state.items() if k.startswith('classifier.')})
+    try:
+        model.xlora.classifier.load_state_dict({k[len('classifier.'):]: v for k, v in state.items() if k.startswith('classifier.')})
+        head = {k[len('head/'):]: v for k, v in state.items() if k.startswith('head/')}
+        if set(head) != {k for h in model.xlora.heads for k in model.get_submodule(h).state_dict(prefix=f'{h}.')}:
+            raise ValueError(f"{path}: the saved task head ({_short(sorted(head))}) is not this model's ({model.xlora.heads})")
+        model.load_state_dict(head, strict=False)
     except BaseException:
         remove_xlora(model); raise
     return model
