@@ -11,12 +11,17 @@ from subspace_nb.peft_adapters import load_peft_adapter, save_peft_adapter, peft
 from subspace_nb.inject import apply_tuning, tuners
 from subspace_nb.models import tiny_model, tiny_batch
 from test_peft_roundtrips import logits, changes, moved, snapshot, untouched
+from subspace_nb.studies.bench import peft_boft_without_cuda
+
+peft_boft_without_cuda()          # PEFT's BOFT keeps all its butterfly factors on CPU
 
 QV, THREE = ['query', 'value'], ['query', 'value', 'intermediate.dense']   # 32 -> 32, and 32 -> 37: two shapes
 
 CASES = {   # method: (PEFT's config, our hyper-parameters and targets, what ours reads back)
     'oft': (lambda: peft.OFTConfig(r=0, oft_block_size=8, use_cayley_neumann=False, target_modules=THREE),
             dict(block_size=8, targets=THREE), dict(block_size=8, coft=False, eps=6e-5)),
+    'boft': (lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=THREE),
+             dict(block_size=4, factors=2, targets=THREE), dict(block_size=4, factors=2)),     # n = 32 on each
     'hra': (lambda: peft.HRAConfig(r=4, target_modules=THREE), dict(r=4, targets=THREE), dict(r=4)),
     'delora': (lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=THREE), dict(r=4, lam=3.0, targets=THREE),
                dict(r=4, lam=3.0)),
@@ -72,6 +77,8 @@ def test_ours_to_peft(name, tmp_path):
 
 
 @pytest.mark.parametrize('name, field, value', [('oft', 'use_cayley_neumann', True), ('oft', 'block_share', True),
+                                                ('boft', 'boft_block_num', 4), ('boft', 'boft_dropout', 0.1),
+                                                ('boft', 'bias', 'boft_only'),
                                                 ('hra', 'apply_GS', True), ('road', 'variant', 'road_2'),
                                                 ('lokr', 'decompose_both', True), ('delora', 'lambda_pattern', {'query': 2}),
                                                 ('fourierft', 'n_frequency_pattern', {'query': 9}),
@@ -149,3 +156,37 @@ def test_vblora_bank_travels_once(tmp_path):
         save_peft_adapter(apply_tuning(copy.deepcopy(base), 'vblora', targets=THREE, r=2, num_vectors=6, vector_length=1,
                                        share='shape'), tmp_path / 'shape')
     assert not (tmp_path / 'shape').exists()
+
+
+def test_boft_width_must_fit_the_butterfly(tmp_path):
+    "A layer whose width is not a multiple of b 2^(f-1) (37 inputs of the tiny BERT's FFN output): ours takes fewer or "
+    "smaller blocks there, PEFT refuses it; both ways the layer and the numbers are named, nothing written or touched."
+    base = tiny_model('bert')
+    with pytest.raises(ValueError, match=r"output.dense.*37 inputs, not a multiple of .* = 4 \* 2\^1 = 8"):
+        save_peft_adapter(apply_tuning(copy.deepcopy(base), 'boft', targets=['output.dense'], block_size=4, factors=2),
+                          tmp_path / 'ours')
+    assert not (tmp_path / 'ours').exists()
+    get_peft_model(copy.deepcopy(base), CASES['boft'][0]()).save_pretrained(tmp_path / 'theirs')
+    cfg = json.loads((tmp_path / 'theirs' / PEFT_CONFIG).read_text())
+    layer = 'bert.encoder.layer.0.output.dense'                # as if PEFT had tuned it: full blocks, one s per output
+    (tmp_path / 'theirs' / PEFT_CONFIG).write_text(json.dumps(dict(cfg, target_modules=[layer])))
+    save_file({f'base_model.model.{layer}.boft_R': torch.zeros(2, 8, 4, 4), f'base_model.model.{layer}.boft_s': torch.ones(32, 1)},
+              str(tmp_path / 'theirs' / PEFT_WEIGHTS))
+    model = copy.deepcopy(base); snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"layer {layer} has 37 inputs, not a multiple of"): load_peft_adapter(model, tmp_path / 'theirs')
+    assert untouched(model, snap)
+
+
+def test_boft_blocks_are_the_skew_part(tmp_path):
+    "PEFT's boft_R need not be skew: its Cayley uses (A - A^T)/2, and so does our q read from it; written back, Q whole."
+    base = tiny_model('bert')
+    pm = get_peft_model(copy.deepcopy(base), CASES['boft'][0]())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'boft_R' in n: p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))   # not skew
+    pm.save_pretrained(tmp_path / 'theirs')
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path / 'theirs')
+    torch.testing.assert_close(logits(ours), logits(pm), rtol=1e-5, atol=1e-5)
+    sd = load_file(str(save_peft_adapter(ours, tmp_path / 'ours') / PEFT_WEIGHTS))
+    R = next(v for k, v in sd.items() if k.endswith('boft_R'))
+    torch.testing.assert_close(R, -R.mT)                              # skew, as written

@@ -3,25 +3,13 @@ moved off their start, the same outputs and the same gradients on a tiny BERT.""
 import copy
 import pytest, torch
 import peft
-import peft.tuners.boft.layer as boft_layer
 from subspace_nb.inject import apply_tuning, tuners
 from subspace_nb.models import tiny_model, tiny_batch
 from subspace_nb.catalogue.orthogonal import skew
+from subspace_nb.studies.bench import peft_boft_without_cuda
 
 
-class BlockDiagCPU:
-    "A stand-in for PEFT's BOFT CUDA extension (its `forward`/`backward`), so that PEFT keeps its butterfly factors on CPU."
-    @staticmethod
-    def forward(R):                                              # (N, k, b, b) -> (N, k b, k b)
-        return [torch.stack([torch.block_diag(*Ri) for Ri in R])]
-
-    @staticmethod
-    def backward(G, R):                                          # the diagonal blocks of the gradient
-        k, b = R.shape[1], R.shape[2]
-        return [torch.stack([G[:, i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(k)], 1)]
-
-
-boft_layer._FBD_CUDA = BlockDiagCPU()                           # without it PEFT silently drops to one factor on CPU
+peft_boft_without_cuda()          # the benchmark's stand-in for PEFT's CUDA extension: else one butterfly factor on CPU
 
 
 def as_is(p, lay): return p
