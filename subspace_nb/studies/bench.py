@@ -10,15 +10,18 @@ import torch
 from torch import nn
 import transformers
 from ..core import *
+from ..core import _short
 from ..inject import apply_tuning, tuners, default_trainable, regularizer, hparams, merge, mark_driven
 from ..models import load_minilm, tiny_model
+from ..peft_adapters import PEFT_TABLE, peft_tensors, peft_config as peft_file_config
 
 # %% auto #0
-__all__ = ['PEFT_TWINS', 'TARGETS', 'PARTS', 'RUNNERS', 'machine', 'load_results', 'bench_model', 'token_batch', 'frozen_limit',
-           'peft_cannot', 'paired_methods', 'method_hp', 'peft_config', 'peft_twin', 'trainable', 'build', 'trainer',
-           'interleave', 'ratio', 'compare', 'step_table', 'show_steps', 'memory_child', 'peak_memory', 'memory_table',
-           'show_memory', 'perturb_', 'inference_table', 'show_inference', 'show_cuda_memory', 'accelerator_tables',
-           'target_rows', 'show_targets', 'save_results', 'bench_part', 'bench_sizes', 'run_benchmarks', 'main']
+__all__ = ['PEFT_TWINS', 'BENCH_HP', 'TARGETS', 'REFERENCES', 'PARTS', 'RUNNERS', 'machine', 'load_results', 'bench_model',
+           'token_batch', 'frozen_limit', 'BlockDiagCPU', 'peft_boft_without_cuda', 'peft_cannot', 'paired_methods',
+           'method_hp', 'peft_config', 'twin_values', 'peft_twin', 'trainable', 'build', 'trainer', 'interleave',
+           'ratio', 'compare', 'step_table', 'show_steps', 'memory_child', 'peak_memory', 'memory_table', 'show_memory',
+           'perturb_', 'inference_table', 'show_inference', 'show_cuda_memory', 'accelerator_tables', 'target_rows',
+           'show_targets', 'merge_results', 'save_results', 'bench_part', 'bench_sizes', 'run_benchmarks', 'main']
 
 # %% ../../nbs/60_benchmarks.ipynb #c005
 def machine() -> dict:
@@ -121,6 +124,21 @@ def _peft_ia3(m):
     ff = [n for n, s in side.items() if s == 'in']
     return IA3Config(target_modules=_exact(ts), feedforward_modules=_exact(ff) if ff else [])
 
+def _peft_file(m):
+    "The twin of a method of `PEFT_TABLE`: PEFT's config object of the adapter_config.json our tuning saves as (34_peft_adapters)."
+    from peft import get_peft_config
+    return get_peft_config(dict(peft_file_config(m), inference_mode=False))
+
+def _peft_randlora(m):
+    "RandLoRA: PEFT draws its frozen bases its own way (no adapter file of ours reproduces them); the same r, alpha and layers."
+    from peft import RandLoraConfig
+    t = _first(m)
+    return RandLoraConfig(r=t.r, randlora_alpha=t.alpha, target_modules=_exact(m.subspace['layers']))
+
+def _peft_ln(m):
+    from peft import LNTuningConfig
+    return LNTuningConfig(target_modules=_exact(m.subspace['layers']))
+
 def _peft_prompt(m):
     from peft import PromptTuningConfig
     return PromptTuningConfig(num_virtual_tokens=_hp(m)['l'])
@@ -130,7 +148,24 @@ def _peft_prefix(m):
     return PrefixTuningConfig(num_virtual_tokens=_hp(m)['l'])
 
 PEFT_TWINS = {'lora': _peft_lora, 'dora': _peft_dora, 'adalora': _peft_adalora, 'vera': _peft_vera,
-              'ia3': _peft_ia3, 'prompt-tuning': _peft_prompt, 'prefix-tuning': _peft_prefix}
+              'ia3': _peft_ia3, 'prompt-tuning': _peft_prompt, 'prefix-tuning': _peft_prefix,
+              **{n: _peft_file for n in PEFT_TABLE}, 'randlora': _peft_randlora, 'ln-tuning': _peft_ln}
+
+class BlockDiagCPU:
+    "A stand-in for PEFT's BOFT CUDA extension (`forward`, `backward` of its block-diagonal kernel), in torch."
+    @staticmethod
+    def forward(R):                                              # (N, k, b, b) -> (N, k b, k b)
+        return [torch.stack([torch.block_diag(*Ri) for Ri in R])]
+
+    @staticmethod
+    def backward(G, R):                                          # the diagonal blocks of the gradient
+        k, b = R.shape[1], R.shape[2]
+        return [torch.stack([G[:, i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(k)], 1)]
+
+def peft_boft_without_cuda():
+    "Without CUDA, give PEFT's BOFT the stand-in: PEFT would otherwise try to compile its extension, fail and silently keep one butterfly factor."
+    import peft.tuners.boft.layer as boft_layer
+    if boft_layer._FBD_CUDA is None and not torch.cuda.is_available(): boft_layer._FBD_CUDA = BlockDiagCPU()
 
 _PEFT_RUNS: dict = {}      # name -> None if PEFT's twin runs with the installed versions, else its error
 
@@ -140,7 +175,7 @@ def peft_cannot() -> dict:
     for n in PEFT_TWINS:
         if n in METHODS and n not in _PEFT_RUNS:
             try:
-                p = build('peft', n, 'tiny', like=build('ours', n, 'tiny'))
+                p = build('peft', n, 'bert-64', like=build('ours', n, 'bert-64'))   # widths 64, 256: every twin's blocks fit
                 p(**token_batch(p, 2, 8)).loss.backward()
                 _PEFT_RUNS[n] = None
             except Exception as e: _PEFT_RUNS[n] = f"{type(e).__name__}: {e}"
@@ -152,9 +187,20 @@ def paired_methods() -> list[str]:
     return [n for n in PEFT_TWINS if n in METHODS and n not in cannot]
 
 # %% ../../nbs/60_benchmarks.ipynb #c015
-def method_hp(name: str, r: int = 8) -> dict:
-    "The benchmark's hyper-parameters for `name`: rank `r` when the method has one, its defaults otherwise."
-    return dict(r=r) if 'r' in hparams(get_method(name)) else {}
+def _fitted(model, name: str) -> int:
+    "The block or vector length that fits every layer `name` tunes by default in `model` (PEFT takes one number)."
+    from subspace_nb.catalogue.structured import fit_length
+    cls = get_method(name)
+    return fit_length([w for l in cls.select(model, cls.targets, exclude=default_trainable(model)).values() for w in dims(l)])
+
+BENCH_HP = {   # what a method needs beyond its defaults for a PEFT twin: one int where ours fits a length per layer or seed
+    'c3a': lambda m: dict(block_size=_fitted(m, 'c3a')), 'vblora': lambda m: dict(vector_length=_fitted(m, 'vblora')),
+    'fourierft': lambda m: dict(loc_seed=777)}          # PEFT's default random_loc_seed
+
+def method_hp(name: str, r: int = 8, model: nn.Module | None = None) -> dict:
+    "The benchmark's hyper-parameters for `name`: rank `r` when the method has one, its defaults otherwise (and `BENCH_HP` of `model`)."
+    hp = dict(r=r) if 'r' in hparams(get_method(name)) else {}
+    return hp | (BENCH_HP[name](model) if name in BENCH_HP and model is not None else {})
 
 def peft_config(ours: nn.Module):
     "The HF PEFT config that tunes a model the way `ours` is tuned: same layers, same settings, same head trainable."
@@ -165,10 +211,21 @@ def peft_config(ours: nn.Module):
     cfg.modules_to_save = [k.split('.')[-1] for k in ours.subspace['trainable'] if k.split('.')[-1] != 'classifier']
     return cfg
 
-def peft_twin(ours: nn.Module, model: nn.Module) -> nn.Module:
-    "`model` (untuned) tuned by HF PEFT the way `ours` is tuned."
-    from peft import get_peft_model
-    return get_peft_model(model, peft_config(ours))
+def twin_values(ours: nn.Module) -> dict | None:
+    "Our tuners' and head's numbers under PEFT's names (the adapter file's tensors), for a method of `PEFT_TABLE`."
+    if ours.subspace['method'] not in PEFT_TABLE: return None
+    return {k: v.detach().clone() for k, v in peft_tensors(ours).items()}
+
+def peft_twin(ours: nn.Module, model: nn.Module, cfg=None, values=None) -> nn.Module:
+    "`model` (untuned) tuned by HF PEFT the way `ours` is tuned, with our numbers where the adapter file carries them."
+    from peft import get_peft_model, set_peft_model_state_dict
+    if ours is not None: cfg, values = peft_config(ours), twin_values(ours)
+    if getattr(cfg, 'peft_type', None) == 'BOFT': peft_boft_without_cuda()
+    pm = get_peft_model(model, cfg)
+    if values is not None:
+        got = set_peft_model_state_dict(pm, values)
+        if got.unexpected_keys: raise ValueError(f"PEFT's twin has no place for {_short(got.unexpected_keys, 3)}")
+    return pm
 
 def trainable(m: nn.Module) -> int:
     "Number of trainable parameters."
@@ -179,9 +236,9 @@ def build(kind: str, name: str = '', model='minilm', r: int = 8, dtype=torch.flo
     m = bench_model(model, dtype, device)
     if kind == 'limit': frozen_limit(m)
     elif kind == 'full': apply_tuning(m, 'full')
-    elif kind == 'ours': mark_driven(apply_tuning(m, name, **method_hp(name, r)))   # timing, not training: no protocol warning
+    elif kind == 'ours': mark_driven(apply_tuning(m, name, **method_hp(name, r, m)))   # timing, not training: no protocol warning
     elif kind == 'peft':
-        m = peft_twin(like if like is not None else apply_tuning(bench_model(model, dtype, device), name, **method_hp(name, r)), m)
+        m = peft_twin(like if like is not None else build('ours', name, model, r, dtype, device), m)
     elif kind != 'plain': raise ValueError(f"kind={kind!r}: expected 'plain', 'limit', 'full', 'ours' or 'peft'")
     return m.train()
 
@@ -238,8 +295,9 @@ def step_table(methods=None, extra=('ssl', 'ssb'), seqs=(64, 128), batch: int = 
     """Training-step time of each method (ours and its PEFT twin), of full fine-tuning and of the frozen limit.
     One group per method, [limit, ours, PEFT], interleaved round by round, so each ratio compares steps run seconds apart."""
     if threads: torch.set_num_threads(threads)
-    methods = paired_methods() if methods is None else list(methods)
-    extra = [n for n in dict.fromkeys((*extra, *peft_cannot())) if n in METHODS and n not in methods]
+    every = methods is None                      # then the methods PEFT cannot run are timed on our side too
+    methods = paired_methods() if every else list(methods)
+    extra = [n for n in dict.fromkeys((*extra, *(peft_cannot() if every else ()))) if n in METHODS and n not in methods]
     out = dict(machine=machine(), model=model, dtype=str(dtype).split('.')[-1], device=str(device), batch=batch, r=r,
                rounds=rounds, threads=torch.get_num_threads(), seqs={})
     for s in seqs:
@@ -313,10 +371,11 @@ def memory_child(spec: str):
     torch.set_num_threads(sp['threads'])
     import peft                                   # every child loads the same libraries, whichever side it measures
     dt = getattr(torch, sp['dtype'])
-    if sp['kind'] == 'peft':                      # the twin's config comes from our tuned model, gone before PEFT's is built
-        cfg = peft_config(build('ours', sp['name'], sp['model'], sp['r'], dt))
-        gc.collect()
-        m = peft.get_peft_model(bench_model(sp['model'], dt), cfg).train()
+    if sp['kind'] == 'peft':                      # the twin's config and numbers come from our tuned model, gone before PEFT's is built
+        ours = build('ours', sp['name'], sp['model'], sp['r'], dt)
+        cfg, values = peft_config(ours), twin_values(ours)
+        del ours; gc.collect()
+        m = peft_twin(None, bench_model(sp['model'], dt), cfg, values).train()
     else: m = build(sp['kind'], sp['name'], sp['model'], sp['r'], dt)
     x = token_batch(m, sp['batch'], sp['seq'])
     step = trainer(m)
@@ -344,8 +403,9 @@ def peak_memory(kind, name='', model='minilm', seq=64, batch=32, r=8, dtype='flo
 
 def memory_table(methods=None, extra=('ssl', 'ssb'), seqs=(64, 128), batch=32, r=8, model='minilm', steps=2) -> dict:
     "Peak memory per entry, each from a separate process, as ratios ours/PEFT and entry/limit."
-    methods = paired_methods() if methods is None else list(methods)
-    extra = [n for n in dict.fromkeys((*extra, *peft_cannot())) if n in METHODS and n not in methods]
+    every = methods is None                      # then the methods PEFT cannot run are timed on our side too
+    methods = paired_methods() if every else list(methods)
+    extra = [n for n in dict.fromkeys((*extra, *(peft_cannot() if every else ()))) if n in METHODS and n not in methods]
     out = dict(model=model, batch=batch, r=r, seqs={})
     for s in seqs:
         kw = dict(model=model, seq=s, batch=batch, r=r, steps=steps)
@@ -516,11 +576,27 @@ def _compact(o):
     if isinstance(o, (list, tuple)): return [_compact(v) for v in o]
     return o
 
-def save_results(name: str, res, folder='bench_results') -> Path:
-    "Write `res` (with the machine description) as `folder/name.json`."
+REFERENCES = ('limit', 'full', 'plain')   # the entries every method is compared with, in every run
+
+def merge_results(old, new):
+    "`new` over `old`, dict by dict (a run of some methods into the result of all); the references stay old's."
+    if not (isinstance(old, dict) and isinstance(new, dict)): return new
+    return old | {k: merge_results(old[k], v) if k in old else v for k, v in new.items() if not (k in REFERENCES and k in old)}
+
+def save_results(name: str, res, folder='bench_results', merge: list | None = None) -> Path:
+    """Write `res` (with the machine description) as `folder/name.json`; `merge`: the methods `res` measured, merged into
+    the result already there. The result's own description (machine, rounds, ...) stays the first run's; each merged
+    run's is listed under 'merged_runs'."""
     p = Path(folder); p.mkdir(parents=True, exist_ok=True)
     f = p / f'{name}.json'
-    f.write_text(json.dumps(_compact(dict(machine=machine(), result=res)), indent=1))
+    res, where = _compact(res), machine()
+    if merge and f.exists() and isinstance(res, dict):
+        first = json.loads(f.read_text())
+        old, where = first['result'], first['machine']
+        said = {k: v for k, v in res.items() if k == 'machine' or not isinstance(v, dict)}     # how this run was taken
+        res = merge_results(old, {k: v for k, v in res.items() if k not in said})
+        res['merged_runs'] = old.get('merged_runs', []) + [dict(methods=list(merge), machine=machine()) | said]
+    f.write_text(json.dumps(_compact(dict(machine=where, result=res)), indent=1))
     return f
 
 PARTS = ('steps', 'memory', 'inference', 'svd', 'svd8192', 'sweeps', 'prototypes', 'profile')   # reading order: 60, 61, 62
@@ -533,33 +609,45 @@ def bench_part(name: str):
         return f
     return deco
 
-def bench_sizes(quick: bool = False, rounds: int = 10, out='bench_results') -> dict:
-    "The sizes every part runs at: the MiniLM, batch 32, lengths 64 and 128; `quick`: the tiny BERT, batch 4, length 16."
-    model, seqs, batch = ('tiny', (16,), 4) if quick else ('minilm', (64, 128), 32)
-    return dict(quick=quick, model=model, seqs=seqs, batch=batch, rounds=2 if quick else rounds, out=out)
+def bench_sizes(quick: bool = False, rounds: int = 10, out='bench_results', methods=None, seqs=None) -> dict:
+    """The sizes every part runs at: the MiniLM, batch 32, lengths 64 and 128 (or `seqs`); `quick`: a 4-layer BERT of
+    width 64 (every PEFT twin's blocks fit it), batch 4, length 16. `methods`: the paired methods to measure (None: all)."""
+    model, default, batch = ('bert-64', (16,), 4) if quick else ('minilm', (64, 128), 32)
+    seqs = tuple(seqs) if seqs else default
+    return dict(quick=quick, model=model, seqs=seqs, batch=batch, rounds=2 if quick else rounds, out=out, methods=methods)
+
+def _chosen(at) -> dict:
+    "The methods of a part: all (with the extras timed on our side only), or the chosen ones alone."
+    return dict(methods=at['methods'], extra=()) if at['methods'] else {}
 
 @bench_part('steps')
 def _steps(at):
-    r = step_table(seqs=at['seqs'], batch=at['batch'], model=at['model'], rounds=at['rounds'])
+    r = step_table(seqs=at['seqs'], batch=at['batch'], model=at['model'], rounds=at['rounds'], **_chosen(at))
     return r, show_steps(r)
 
 @bench_part('memory')
 def _memory(at):
-    r = memory_table(seqs=at['seqs'], batch=at['batch'], model=at['model'])
+    r = memory_table(seqs=at['seqs'], batch=at['batch'], model=at['model'], **_chosen(at))
     return r, show_memory(r)
 
 @bench_part('inference')
 def _inference(at):
-    r = inference_table(model=at['model'], seq=at['seqs'][-1], batch=at['batch'], rounds=at['rounds'])
+    r = inference_table(at['methods'], model=at['model'], seq=at['seqs'][-1], batch=at['batch'], rounds=at['rounds'])
     return r, show_inference(r)
 
-def run_benchmarks(parts=PARTS, quick: bool = False, out='bench_results', rounds: int = 10) -> dict:
-    "Run the benchmark `parts`, print their tables and save them as JSON in `out`; `quick`: toy sizes, plumbing only."
+def run_benchmarks(parts=PARTS, quick: bool = False, out='bench_results', rounds: int = 10, methods=None, seqs=None) -> dict:
+    """Run the benchmark `parts`, print their tables and save them as JSON in `out`; `quick`: toy sizes, plumbing only.
+    `methods`: only these paired methods (steps, memory, inference), merged into the results already in `out`."""
     load_all()                                          # every module registers its parts on import, as methods do
     bad = [p for p in parts if p not in RUNNERS]
     if bad: raise ValueError(f"unknown parts {bad}; expected some of {tuple(RUNNERS)}")
+    if methods is not None:
+        methods, paired = list(methods), paired_methods()
+        odd = [n for n in methods if n not in paired]
+        if odd or not methods:
+            raise ValueError(f"methods={odd or methods}: expected names of methods paired with a PEFT twin: {', '.join(paired)}")
     torch.set_num_threads(2)
-    at = bench_sizes(quick, rounds, out)
+    at = bench_sizes(quick, rounds, out, methods, seqs)
     print('machine:', machine())
     res = {}
     for name in parts:
@@ -567,19 +655,27 @@ def run_benchmarks(parts=PARTS, quick: bool = False, out='bench_results', rounds
         if got is None: continue                        # no run at this size (svd8192 under --quick)
         res[name], text = got
         print(f'\n## {name}\n{text}', flush=True)
-        if out: save_results(name, res[name], out)
+        if out: save_results(name, res[name], out, merge=methods)
     return res
 
 def main(argv=None):
-    "Command line of `make bench`: `--quick` for toy sizes, `--parts` to choose, `--out` for the JSON folder."
+    "Command line of `make bench`: `--quick` for toy sizes, `--parts` and `--methods` to choose, `--out` for the JSON folder."
     ap = argparse.ArgumentParser(description='subspace_nb benchmarks against HF PEFT and the frozen-model limit')
     ap.add_argument('--parts', default=','.join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument('--quick', action='store_true', help='toy sizes: checks the plumbing, measures nothing useful')
     ap.add_argument('--out', default=None, help="folder for the JSON results (default bench_results; none with --quick)")
     ap.add_argument('--rounds', type=int, default=10, help='paired rounds per comparison')
+    ap.add_argument('--methods', default=None, help='comma-separated paired methods to measure alone, their rows merged '
+                                                    'into the JSON already there (default: all)')
+    ap.add_argument('--seqs', default=None, help='comma-separated sequence lengths (default 64,128; 16 with --quick)')
     a = ap.parse_args(argv)
     out = ('' if a.quick else 'bench_results') if a.out is None else a.out
-    run_benchmarks(tuple(p for p in a.parts.split(',') if p), a.quick, out, a.rounds)
+    methods = None if a.methods is None else [n for n in a.methods.split(',') if n]
+    try: seqs = None if a.seqs is None else [int(s) for s in a.seqs.split(',') if s]
+    except ValueError: raise ValueError(f"--seqs {a.seqs!r}: expected comma-separated positive ints, e.g. 64,128") from None
+    if seqs is not None and not (seqs and all(s > 0 for s in seqs)):
+        raise ValueError(f"--seqs {a.seqs!r}: expected comma-separated positive ints, e.g. 64,128")
+    run_benchmarks(tuple(p for p in a.parts.split(',') if p), a.quick, out, a.rounds, methods, seqs)
 
 # %% ../../nbs/60_benchmarks.ipynb #c102
 _ROOMS = ('bench_svd', 'bench_kernels')        # 61, 62: modules that moved out of this one
