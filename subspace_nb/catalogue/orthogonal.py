@@ -83,7 +83,8 @@ def block_mul(Z: torch.Tensor, Rk: torch.Tensor, t: bool = False) -> torch.Tenso
     k, b, _ = Rk.shape
     Zb = Z[..., :k * b].unflatten(-1, (k, b))                                 # (..., k, b)
     out = torch.einsum('...kj,kcj->...kc' if t else '...kj,kjc->...kc', Zb, Rk.to(Z.dtype))
-    return torch.cat((out.flatten(-2), Z[..., k * b:]), -1)
+    out = out.flatten(-2)
+    return out if k * b == Z.shape[-1] else torch.cat((out, Z[..., k * b:]), -1)   # no copy when the blocks cover Z
 
 def skew(q: torch.Tensor, b: int) -> torch.Tensor:
     "The (..., b, b) skew-symmetric matrices whose strict upper triangles (row-major) are `q` (..., b(b-1)/2)."
