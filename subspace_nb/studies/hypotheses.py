@@ -11,7 +11,7 @@ from .reproduction import seed_spread, differences
 from .verdicts import judge, needed, ANALYSES, ALPHA
 
 # %% auto #0
-__all__ = ['HYPOTHESES', 'VERDICT', 'budgets', 'hypothesis_rows', 'show_hypotheses']
+__all__ = ['HYPOTHESES', 'VERDICT', 'CORRELATIONS', 'budgets', 'hypothesis_rows', 'show_hypotheses', 'scored']
 
 # %% ../../nbs/75_hypotheses.ipynb #c005
 HYPOTHESES = [   # cluster (+ the thesis's, - an opposing one), claim, a, relation, b, the map's credence, the map's node
@@ -87,3 +87,19 @@ def show_hypotheses(rows, tasks=('SST-2', 'STS-B')) -> str:
         f"[{_f(r['lo'], '+.2f')}, {_f(r['hi'], '+.2f')}] | {_f(r['p_adj'], '.3f')} | **{r['verdict']}**"
         + (f" (tasks for 80%: {r['tasks_needed']})" if r['tasks_needed'] else '') + ' | '
         + ' | '.join(cell(r['task'].get(t)) for t in tasks) + ' |' for r in rows)
+
+# %% ../../nbs/75_hypotheses.ipynb #b0722fce
+CORRELATIONS = ('pearson', 'spearman')
+
+def scored(records: list[dict]) -> list[dict]:
+    "The records, a run whose correlation is undefined (constant predictions: `nan`) read as 0 and marked `collapsed`."
+    out = []
+    for r in records:
+        s = r['score']
+        if s is None or not math.isfinite(s):
+            if r.get('metric') not in CORRELATIONS:
+                raise ValueError(f"run {r['id']}: score {s!r} for metric {r.get('metric')!r}; only an undefined correlation "
+                                 f"({', '.join(CORRELATIONS)}) has a reading (0)")
+            r = r | dict(score=0.0, collapsed=True)
+        out.append(r)
+    return out
