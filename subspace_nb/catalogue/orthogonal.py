@@ -250,6 +250,11 @@ class DeLoRA(Tuner):
 # %% ../../nbs/70_orthogonal.ipynb #c201
 def butterfly_blocks(d: int, size: int, factors: int) -> tuple[int, int, int]:
     "`(f, k, b)`: f factors of k blocks of b, k a multiple of 2^(f-1); a layer narrower than b 2^(f-1) takes a smaller b, then fewer factors."
+    for k, v in (('block_size', size), ('factors', factors)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{k}={v!r}: expected an int >= 1")
+    if factors > 1 and size % 2:                              # also the formula's check (n_params), not only the layer's
+        raise ValueError(f"block_size={size}: expected an even int when factors={factors} > 1 "
+                         "(the butterfly permutations move half-blocks)")
     f = max(1, min(factors, d.bit_length() - 1))              # f > 1 needs blocks of at least 2 in 2^(f-1) chunks: d >= 2^f
     span = 2 ** (f - 1)                                       # blocks in one chunk of the last factor
     b = min(size, d // span)
@@ -281,10 +286,7 @@ class BOFT(Orthogonal):
 
     def __init__(self, base, block_size: int = 8, factors: int = 2, generator=None):
         super().__init__(base)
-        if factors > 1 and block_size % 2:
-            raise ValueError(f"block_size={block_size}: expected an even int when factors={factors} > 1 "
-                             "(the butterfly permutations move half-blocks)")
-        self.factors, self.k, self.bs = butterfly_blocks(self.d, block_size, factors)
+        self.factors, self.k, self.bs = butterfly_blocks(self.d, block_size, factors)   # checks both
         self.q = self.new(self.factors, self.k, self.bs * (self.bs - 1) // 2)     # strict upper triangles of the Q_ij
         self.s = self.new(self.m, init='ones')                               # a magnitude per output
         p = torch.stack([butterfly_perm(self.d, self.k, self.bs, i) for i in range(self.factors)])
