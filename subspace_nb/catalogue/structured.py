@@ -174,10 +174,15 @@ class C3A(Structured):
         if not (torch.is_grad_enabled() and self.kernel.requires_grad): return super().forward_tuned(x)   # one GEMM
         y = self.base(x)
         kernel = self.kernel.to(work_dtype(self.kernel))                                 # the FFT needs float32 at least
-        X = torch.fft.rfft(x.to(kernel.dtype).unflatten(-1, (self.n // self.block, self.block)))   # (..., n/b, b/2+1)
+        # backward keeps x and the kernel and transforms them again (as PEFT's custom backward), not the complex spectra
+        u = torch.utils.checkpoint.checkpoint(self.convolve, x.to(kernel.dtype), kernel, use_reentrant=False)
+        return y + (self.s * u).to(y.dtype)
+
+    def convolve(self, x, kernel):
+        "The block circular convolution $x\\,\\mathrm{circ}(w)^\\top$ by real FFTs: every block at once."
+        X = torch.fft.rfft(x.unflatten(-1, (self.n // self.block, self.block)))         # (..., n/b, b/2+1)
         K = torch.fft.rfft(kernel).conj()                                              # (m/b, n/b, b/2+1)
-        u = torch.fft.irfft(torch.einsum('...jk,ijk->...ik', X, K), n=self.block)            # (..., m/b, b): all blocks at once
-        return y + (self.s * u.flatten(-2)).to(y.dtype)
+        return torch.fft.irfft(torch.einsum('...jk,ijk->...ik', X, K), n=self.block).flatten(-2)   # (..., m)
 
     @classmethod
     def n_params(cls, n, m, block_size=None): return n * m // check_length(block_size, (n, m), 'block_size')
