@@ -357,7 +357,7 @@ def _experts_of(model, sources) -> dict:
         for n in names:
             with _as_active(model, n):
                 ts = tuners(model)
-                bad = [k for k, t in ts.items() if type(t) is not LoRA or t.mpc == 'n']
+                bad = [k for k, t in ts.items() if type(t).name != 'lora' or t.mpc == 'n']   # by its registered name: a class re-run in a notebook is still LoRA
                 if bad: raise TypeError(f"expert {n!r} is a {model.subspace['method']!r} tuning ({_short(bad)}): X-LoRA "
                                         "mixes LoRA tunings (method 'lora', mpc not 'n')")
                 found[n] = ts
