@@ -8,6 +8,7 @@ import pytest, torch
 from subspace_nb.core import METHODS, load_all, get_method
 from subspace_nb.inject import apply_tuning, merge, unmerge, regularizer
 from subspace_nb.models import tiny_model, tiny_batch
+from tuned_helpers import outputs, method_params
 
 load_all()
 NAMES = sorted(n for n in METHODS if not n.startswith('_'))
@@ -15,16 +16,6 @@ CLS = {n: get_method(n) for n in NAMES}
 HP = {n: getattr(CLS[n], 'test_hp', {}) for n in NAMES}
 ARCHS = ('bert', 'llama')                       # a Linear encoder and a decoder with RoPE, no biases, GQA
 NOT_APPLICABLE = {('bitfit', 'llama')}          # no biases to train (tests/test_matrix.py checks the refusal)
-
-
-def outputs(m, x):
-    with torch.no_grad(): return m(**x).logits
-
-
-def method_params(m):
-    head = m.subspace['trainable']
-    return {n: p for n, p in m.named_parameters()
-            if p.requires_grad and not any(n == h or n.startswith(h + '.') for h in head)}
 
 
 def tuned(name, arch, dtype, when):

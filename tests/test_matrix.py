@@ -7,6 +7,7 @@ from subspace_nb.core import METHODS, MODES, load_all, get_method, taxonomy
 from subspace_nb.inject import (apply_tuning, tuners, report, merge, unmerge, remove_tuning, save_tuning, load_tuning,
                                 default_trainable, regularizer, added_params, hparams)
 from subspace_nb.models import ARCHS, tiny_model, tiny_batch, load_minilm
+from tuned_helpers import outputs, method_params
 
 load_all()
 NAMES = sorted(n for n in METHODS if not n.startswith('_'))
@@ -37,10 +38,6 @@ def tuned(name, arch, dtype=torch.float32, seed=0):
     return apply_tuning(m, name, seed=seed, **HP[name])
 
 
-def outputs(m, x):
-    with torch.no_grad(): return m(**x).logits
-
-
 def perturb_(m, scale=0.1, seed=1):
     "Move every trainable parameter of the method (not the head) as training would."
     g = torch.Generator().manual_seed(seed)
@@ -53,12 +50,6 @@ def perturb_(m, scale=0.1, seed=1):
 
 def frozen_state(m):
     return {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
-
-
-def method_params(m):
-    head = m.subspace['trainable']
-    return {n: p for n, p in m.named_parameters()
-            if p.requires_grad and not any(n == h or n.startswith(h + '.') for h in head)}
 
 
 @pytest.mark.parametrize('arch', ARCHS)

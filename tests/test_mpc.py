@@ -7,6 +7,7 @@ from subspace_nb.inject import (apply_tuning, tuners, merge, unmerge, remove_tun
                                 regularizer, step_end)
 from subspace_nb.models import tiny_model, tiny_batch
 from subspace_nb.extension.mpc import MPC, MPC_WEIGHT
+from tuned_helpers import outputs, method_params
 
 NAMES = ('lora', 'trilora', 'adalora', 'flora')
 KINDS = ('o', 'd', 'n')
@@ -16,16 +17,6 @@ grid = pytest.mark.parametrize('name,mpc', [(n, k) for n in NAMES for k in KINDS
 
 def tuned(name, mpc, arch, seed=0, **hp):
     return apply_tuning(tiny_model(arch), name, seed=seed, mpc=mpc, **hp)
-
-
-def outputs(m, x):
-    with torch.no_grad(): return m(**x).logits
-
-
-def method_params(m):
-    head = m.subspace['trainable']
-    return {n: p for n, p in m.named_parameters()
-            if p.requires_grad and not any(n == h or n.startswith(h + '.') for h in head)}
 
 
 def perturb_(m, scale=0.1, seed=1):
