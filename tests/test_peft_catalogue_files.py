@@ -41,6 +41,7 @@ CASES = {   # method: (PEFT's config, our hyper-parameters and targets, what our
             dict(block_size=8, targets=QV), dict(block_size=8)),            # 37 is prime: no block fits the FFN layer
     'vblora': (lambda: peft.VBLoRAConfig(r=2, num_vectors=6, vector_length=8, topk=2, target_modules=QV),
                dict(r=2, num_vectors=6, vector_length=8, targets=QV), dict(r=2, num_vectors=6, vector_length=8, topk=2)),
+    'psoft': (lambda: peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=THREE), dict(r=4, targets=THREE), dict(r=4)),
 }
 METHOD = lambda case: case.split('-')[0]
 
@@ -84,7 +85,10 @@ def test_ours_to_peft(name, tmp_path):
                                                 ('fourierft', 'n_frequency_pattern', {'query': 9}),
                                                 ('miss', 'init_weights', 'bat'), ('c3a', 'block_size_pattern', {'query': 4}),
                                                 ('vblora', 'save_only_topk_weights', True),
-                                                ('vblora', 'vblora_dropout', 0.1), ('vblora', 'fan_in_fan_out', True)])
+                                                ('vblora', 'vblora_dropout', 0.1), ('vblora', 'fan_in_fan_out', True),
+                                                ('psoft', 'ab_svd_init', 'pissa_init'), ('psoft', 'psoft_svd', 'lowrank'),
+                                                ('psoft', 'psoft_orth', False), ('psoft', 'psoft_mag_b', False),
+                                                ('psoft', 'use_cayley_neumann', True)])
 def test_refused_field_is_named(name, field, value, tmp_path):
     base = tiny_model('bert')
     get_peft_model(copy.deepcopy(base), CASES[name][0]()).save_pretrained(tmp_path)

@@ -1,8 +1,9 @@
-"""PSOFT against HF PEFT's PSOFT: with the same numbers, the same outputs and the same gradients.
+"""PSOFT against HF PEFT's PSOFT: the same principal subspace, and with the same numbers the same outputs and gradients.
 
 PEFT's `psoft_R` is the transpose of our rotation: its skew parameters are minus ours (same upper-triangle order), its
-`vector_a` is our `pre` (a) and its `vector_b` our `post` (b). Its frozen A = V_r^T and B = U_r Sigma_r / s are copied
-into our singular-vector buffers, so that the two SVDs' sign choices cannot differ."""
+`vector_a` is our `pre` (a) and its `vector_b` our `post` (b). Its frozen A = V_r^T and B = U_r Sigma_r / s are our
+singular-vector buffers: both sides take W's thin SVD by the same call (`full_svd`), which is what lets an adapter file,
+which carries no basis, mean the same function on both sides."""
 import pytest, torch
 from subspace_nb.inject import apply_tuning, tuners
 from subspace_nb.models import tiny_model, tiny_batch
@@ -10,7 +11,7 @@ from subspace_nb.catalogue.svd_basis import PSOFT
 
 peft = pytest.importorskip('peft')
 PREFIX = 'base_model.model.'
-TARGETS, R = ['query', 'value'], 4
+TARGETS, R = ['query', 'value', 'intermediate.dense'], 4        # 32 -> 32 and 32 -> 37
 
 
 def pair(seed=1):
@@ -24,15 +25,20 @@ def pair(seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in tuners(ours).items():
-            L = layers[name]
-            Rm = L.psoft_R['default']
+            Rm = layers[name].psoft_R['default']
             for p in (Rm.weight, Rm.vector_a, Rm.vector_b): p.add_(torch.randn(p.shape, generator=g))
-            A, B = L._psoft_A_cache['default'], L._psoft_B_cache['default']
-            s = L.scaling['default']
-            nb = B.norm(dim=0)
-            t.U.copy_(A.T); t.V.copy_(B / nb); t.S.copy_(nb * s)
             t.theta.copy_(-Rm.weight); t.pre.copy_(Rm.vector_a); t.post.copy_(Rm.vector_b)
     return ours, theirs, layers
+
+
+def test_same_basis():
+    "Our U, S, V are PEFT's A^T, and B split into its column norms times s and unit columns: equal, not just alike."
+    ours, _, layers = pair()
+    for name, t in tuners(ours).items():
+        L = layers[name]
+        A, B, s = L._psoft_A_cache['default'], L._psoft_B_cache['default'], L.scaling['default']
+        torch.testing.assert_close(t.U, A.T, rtol=0, atol=1e-6)
+        torch.testing.assert_close(t.V * t.S / s, B, rtol=1e-6, atol=1e-6)
 
 
 def test_same_outputs_and_gradients():

@@ -16,11 +16,15 @@ __all__ = ['SVFT_PATTERNS', 'GAINS', 'ATTENTION', 'SVDBasis', 'band_count', 'svf
 # %% ../../nbs/71_svd_basis.ipynb #c005
 class SVDBasis(Tuner):
     r"$\phi(W) = W + U_kDV_k^\top$: $k$ singular triplets of $W$ (buffers in `work_dtype` of W, computed once) and a trained $k\times k$ core $D$ (zero at init)."
+    full_svd = False    # True: the top k of W's thin SVD itself; else `svd_top`'s sketch (exact on small layers, fast on big ones)
+
     def __init__(self, base, k: int):
         super().__init__(base)
         self.k = k
         W = self.W.detach()
-        P, S, Qh = svd_top(W, k, dtype=work_dtype(W))                     # W^T (m, n) ~ P diag(S) Qh, exact when small
+        dt = work_dtype(W)
+        P, S, Qh = svd(W, dt) if self.full_svd else svd_top(W, k, dtype=dt)   # W^T (m, n) ~ P diag(S) Qh
+        P, S, Qh = P[:, :k], S[:k], Qh[:k]
         self.register_buffer('U', Qh.T.contiguous(), persistent=False)    # (n, k) input side (torch papers: right vectors)
         self.register_buffer('S', S.contiguous(), persistent=False)       # (k,) sigma_1 >= ... >= sigma_k
         self.register_buffer('V', P.contiguous(), persistent=False)       # (m, k) output side (torch papers: left vectors)
@@ -163,6 +167,7 @@ class PSOFT(SubspaceRotation):
     equation = "phi(W) = W_res + U_r diag(a) R diag(b) Sigma_r V_r^T, R = cayley(Q), Q = 0, a = b = 1 at init"
     formula = 'r(r - 1)/2 + 2r'
     no_decay = ('pre', 'post')
+    full_svd = True     # PEFT's psoft_init: torch.linalg.svd of W in float32, so an adapter file means the same basis both ways
 
 @register
 class AntiPaSTO(SubspaceRotation):
