@@ -228,43 +228,79 @@ def lab_count(method, layer: nn.Module, name: str = 'layer', **hp) -> int:
     if cls.name in KEPT: return KEPT[cls.name](*dims(layer), **hp)      # by name: a notebook may re-register the class
     return cls.count({name: layer}, **hp)
 
-def _closest(count, lo, hi, budget, cast):
-    "Bisection on a monotone `count` over [lo, hi]: the value with the count closest to `budget`, ties to the larger."
-    if count(hi) < budget: return hi
+def _at(count, x, cast, reach: int = 64):
+    """`(value, count)` at the value nearest `x` (within `reach`, ties to the larger) that the method takes -- BOFT
+    refuses odd block sizes, C3A sizes that do not divide the widths; count None if there is none (past the end)."""
+    for v in ((x,) if cast is float else (x + s * d for d in range(reach + 1) for s in ((1,) if d == 0 else (1, -1)))):
+        c = count(v) if cast is float or v >= 1 else None
+        if c is not None: return v, c
+    return x, None
+
+def _closest(count, lo, hi, budget, cast, sign: int = 1):
+    """On a `count` over [lo, hi] rising with x (`sign` 1) or falling (-1): the value with the count closest to `budget`
+    (ties to the larger), moved down to the smallest value with the same count, so that a knob which saturates (GOFT's
+    `n_layers` at log2 n) reports where it stops. A refused value counts as its nearest taken one (`_at`)."""
+    def f(x):
+        c = _at(count, x, cast)[1]
+        return math.inf if c is None else sign * c                        # rising in x
+    mid = lambda a, b: cast((a + b) / 2) if cast is float else (a + b) // 2
+    done = lambda a, b: cast(b) - cast(a) <= (1 if cast is int else 0)
+    a, b = lo, hi
     for _ in range(60):
-        if cast(hi) - cast(lo) <= (1 if cast is int else 0): break
-        mid = cast((lo + hi) / 2) if cast is float else (lo + hi) // 2
-        lo, hi = (mid, hi) if count(mid) < budget else (lo, mid)
-    return min((lo, hi), key=lambda v: (abs(count(v) - budget), -v))
+        if done(a, b): break
+        x = mid(a, b)
+        a, b = (x, b) if f(x) < sign * budget else (a, x)
+    got = [t for t in (_at(count, a, cast), _at(count, b, cast)) if t[1] is not None]
+    if not got: return lo
+    best, c = min(got, key=lambda t: (abs(t[1] - budget), -t[0]))
+    a, b = lo, best                                                       # the smallest value with the same count
+    for _ in range(60):
+        if done(a, b) or f(a) >= sign * c: break
+        x = mid(a, b)
+        a, b = (a, x) if f(x) >= sign * c else (x, b)
+    return _at(count, a if f(a) == sign * c else b, cast)[0]
+
+def _direction(count, v, cast) -> int | None:
+    "1 if `count` rises with the knob, -1 if it falls, None if it does not move (or the probes are refused)."
+    pairs = ((0.25, 0.5),) if cast is float else ((1, 2), (2, 4)) + (((v, 2 * v),) if isinstance(v, int) and v > 2 else ())
+    for p in pairs:
+        c = [count(x) for x in p]
+        if None not in c and c[0] != c[1]: return 1 if c[1] > c[0] else -1
+    return None
 
 def matched_hp(method, layer: nn.Module, budget: int, name: str = 'layer') -> dict:
-    "The hyper-parameter (at most one) that brings `method`'s count on `layer` closest to `budget`; {} if none moves it."
+    """The hyper-parameter (at most one) that brings `method`'s count on `layer` closest to `budget`, over every knob
+    of `hparams` that moves the count, rising or falling (ties: the first); {} if none moves it."""
     cls = get_method(method)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget={budget!r}: expected an int >= 1 (trainable numbers on the layer)")
     def count(k, v):
         try: return lab_count(cls, layer, name, **{k: v})
-        except (TypeError, ValueError): return None
+        except (TypeError, ValueError, ZeroDivisionError): return None
     def builds(k, v):
         try: cls.build(name, copy.deepcopy(layer), generator=torch.Generator().manual_seed(0), **{k: v}); return True
         except (TypeError, ValueError): return False
     n, m = dims(layer)
+    found = []
     for k, v in hparams(cls).items():
         if isinstance(v, bool): continue
-        if v is None or isinstance(v, int): probe, lo, hi, cast = (1, 2), 1, n * m, int
-        elif isinstance(v, float) and 0 < v <= 1: probe, lo, hi, cast = (0.25, 0.5), 1 / (n * m), 1.0, float
+        if v is None or isinstance(v, int): lo, hi, cast = 1, n * m, int
+        elif isinstance(v, float) and 0 < v <= 1: lo, hi, cast = 1 / (n * m), 1.0, float
         else: continue
-        c = [count(k, p) for p in probe]
-        if None in c or c[1] <= c[0]: continue                         # not a budget knob
-        best = _closest(lambda x: count(k, x), lo, hi, budget, cast)
-        if not builds(k, best):                                        # lower it to the largest value that builds
-            good, bad = lo, best
-            while (bad - good) > (1 if cast is int else 1e-9 * bad):
-                mid = (good + bad) // 2 if cast is int else (good + bad) / 2
-                good, bad = (mid, bad) if builds(k, mid) else (good, mid)
-            best = good
-        return {k: best}
-    return {}
+        sign = _direction(lambda x: count(k, x), v, cast)
+        if sign is None: continue                                          # not a budget knob
+        best = _closest(lambda x: count(k, x), lo, hi, budget, cast, sign)
+        if not builds(k, best):                                            # the nearest value that builds, else lower it
+            near = [x for d in (1, 2) for x in (best - d, best + d) if cast is int and lo <= x <= hi and builds(k, x)]
+            if near: best = min(near, key=lambda x: (abs(count(k, x) - budget), -x))
+            else:
+                good, bad = lo, best
+                while (bad - good) > (1 if cast is int else 1e-9 * bad):
+                    x = (good + bad) // 2 if cast is int else (good + bad) / 2
+                    good, bad = (x, bad) if builds(k, x) else (good, x)
+                best = good
+        found.append((abs(count(k, best) - budget), len(found), {k: best}))
+    return min(found, key=lambda t: t[:2])[2] if found else {}
 
 # %% ../../nbs/32_subspace_lab.ipynb #c028
 KINDS = tuple(TARGETS)
