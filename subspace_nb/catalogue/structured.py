@@ -13,8 +13,8 @@ from ..extension.shared import Shared, check_width
 from ..extension.lora import one_gemm, one_gemm_ok
 
 # %% auto #0
-__all__ = ['Structured', 'LoHa', 'factorization', 'lokr_shapes', 'LoKr', 'FourierFT', 'fit_length', 'check_length', 'C3A',
-           'randlora_bases', 'RandLoRA', 'bank_mix', 'VBLoRA']
+__all__ = ['Structured', 'LoHa', 'factorization', 'lokr_shapes', 'LoKr', 'FourierFT', 'fit_length', 'check_length',
+           'BlockCorrelation', 'C3A', 'randlora_bases', 'RandLoRA', 'bank_mix', 'VBLoRA']
 
 # %% ../../nbs/72_structured.ipynb #c006
 class Structured(Tuner):
@@ -149,6 +149,29 @@ def check_length(v, widths, what: str) -> int:
                          f"(e.g. {fit_length(widths)}), or None for the largest such up to 256")
     return v
 
+class BlockCorrelation(torch.autograd.Function):
+    r"""$u_i = \sum_j x_j \star w_{ij}$, the block circular correlation $x\,\mathrm{circ}(w)^\top$, by real FFTs; its backward
+    by the adjoint transforms from $x$ and $w$ alone (as PEFT's `BlockCircularConvolution`): no spectrum is kept."""
+    @staticmethod
+    def forward(ctx, x, w):                                       # x (..., n), w (m/b, n/b, b) -> (..., m)
+        ctx.save_for_backward(x, w)
+        I, J, b = w.shape
+        X = torch.fft.rfft(x.unflatten(-1, (J, b)))                                    # (..., n/b, b/2+1)
+        return torch.fft.irfft(torch.einsum('...jk,ijk->...ik', X, torch.fft.rfft(w).conj()), n=b).flatten(-2)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        I, J, b = w.shape
+        G = torch.fft.rfft(g.unflatten(-1, (I, b)))                                    # (..., m/b, b/2+1)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:                                # sum_i g_i * w_ij: the convolution undoes the correlation
+            gx = torch.fft.irfft(torch.einsum('...ik,ijk->...jk', G, torch.fft.rfft(w)), n=b).flatten(-2)
+        if ctx.needs_input_grad[1]:                                # sum over tokens of x_j correlated with g_i
+            X = torch.fft.rfft(x.unflatten(-1, (J, b))).flatten(0, -3)
+            gw = torch.fft.irfft(torch.einsum('tik,tjk->ijk', G.flatten(0, -3).conj(), X), n=b)
+        return gx, gw
+
 @register
 class C3A(Structured):
     r"C3A: $\Delta W^\top = \frac1n[\mathrm{circ}(w_{ij})^\top]$ (torch layout), $b\times b$ circulant blocks from `kernel` $(m/b, n/b, b)$, 0 at init; applied by FFT in training."
@@ -174,15 +197,8 @@ class C3A(Structured):
         if not (torch.is_grad_enabled() and self.kernel.requires_grad): return super().forward_tuned(x)   # one GEMM
         y = self.base(x)
         kernel = self.kernel.to(work_dtype(self.kernel))                                 # the FFT needs float32 at least
-        # backward keeps x and the kernel and transforms them again (as PEFT's custom backward), not the complex spectra
-        u = torch.utils.checkpoint.checkpoint(self.convolve, x.to(kernel.dtype), kernel, use_reentrant=False)
-        return y + (self.s * u).to(y.dtype)
-
-    def convolve(self, x, kernel):
-        "The block circular convolution $x\\,\\mathrm{circ}(w)^\\top$ by real FFTs: every block at once."
-        X = torch.fft.rfft(x.unflatten(-1, (self.n // self.block, self.block)))         # (..., n/b, b/2+1)
-        K = torch.fft.rfft(kernel).conj()                                              # (m/b, n/b, b/2+1)
-        return torch.fft.irfft(torch.einsum('...jk,ijk->...ik', X, K), n=self.block).flatten(-2)   # (..., m)
+        u = BlockCorrelation.apply(x.to(kernel.dtype), kernel)                          # every block at once
+        return torch.add(y, u.to(y.dtype), alpha=self.s)                                # y + u / n, one new tensor
 
     @classmethod
     def n_params(cls, n, m, block_size=None): return n * m // check_length(block_size, (n, m), 'block_size')
