@@ -171,8 +171,8 @@ def rotate_pairs(Z: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Ten
     k, h = c.shape
     c, s = c.to(Z.dtype), s.to(Z.dtype)
     z1, z2 = Z[..., :2 * k * h].unflatten(-1, (k, 2, h)).unbind(-2)
-    out = torch.stack((c * z1 - s * z2, s * z1 + c * z2), -2).flatten(-3)
-    return torch.cat((out, Z[..., 2 * k * h:]), -1)
+    out = torch.stack((torch.addcmul(c * z1, s, z2, value=-1), torch.addcmul(s * z1, c, z2)), -2).flatten(-3)
+    return out if 2 * k * h == Z.shape[-1] else torch.cat((out, Z[..., 2 * k * h:]), -1)   # no copy when the pairs cover Z
 
 def road_groups(m: int, group_size: int) -> tuple[int, int]:
     "`(k, g)`: k groups of g outputs, g = min(group_size, the largest even <= m); 0 groups on a layer of one output."
