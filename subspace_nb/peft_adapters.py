@@ -33,17 +33,21 @@ PEFT_READ = {'LORA': _COMMON + ('bias', 'r', 'lora_alpha', 'lora_dropout', 'use_
              'ADALORA': _COMMON + ('bias', 'init_r', 'target_r', 'lora_alpha', 'lora_dropout', 'init_lora_weights', 'tinit',
                                    'tfinal', 'deltaT', 'beta1', 'beta2', 'orth_reg_weight', 'rank_pattern',
                                    'total_step', 'r'),   # total_step: the schedule's length, ours the run's; r: unused by PEFT
-             'LN_TUNING': _COMMON}
+             'LN_TUNING': _COMMON,
+             'RANDLORA': _COMMON + ('bias', 'r', 'randlora_alpha', 'projection_prng_key', 'save_projection', 'sparse',
+                                    'very_sparse', 'randlora_dropout', 'init_weights')}
 PEFT_TYPES = {'lora': 'LORA', 'dora': 'LORA', 'ia3': 'IA3', 'vera': 'VERA', 'adalora': 'ADALORA',
-              'ln-tuning': 'LN_TUNING'}                                                  # ours -> peft_type
+              'ln-tuning': 'LN_TUNING', 'randlora': 'RANDLORA'}                                                  # ours -> peft_type
 LORA_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')   # start A and B only; PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA rewrite W
 PEFT_KEYS = {'lora_A.weight': 'A', 'lora_B.weight': 'B', 'lora_magnitude_vector': 'magnitude',
              'lora_magnitude_vector.weight': 'magnitude', 'ia3_l': 'l', 'vera_lambda_b': 'lambda_b',
              'vera_lambda_d': 'lambda_d', 'lora_A': 'A', 'lora_B': 'B', 'lora_E': 'E',
-             'ln_tuning_layers.weight': 'weight', 'ln_tuning_layers.bias': 'bias'}  # key suffix -> our tensor
-PEFT_SHARED = {'base_model.vera_A': 'A', 'base_model.vera_B': 'B'}                   # VeRA's one projection pair
+             'ln_tuning_layers.weight': 'weight', 'ln_tuning_layers.bias': 'bias', 'randlora_lambda': 'lam',
+             'randlora_gamma': 'gamma', 'randlora_A': 'A', 'randlora_B': 'B'}     # key suffix -> our tensor
+PEFT_SHARED = {'base_model.vera_A': 'A', 'base_model.vera_B': 'B',                  # VeRA's one projection pair
+               'base_model.randlora_A': 'A', 'base_model.randlora_B': 'B'}          # RandLoRA's one pair of bases
 LAYER_TENSORS = {'lora': {'A', 'B'}, 'dora': {'A', 'B', 'magnitude'}, 'ia3': {'l'}, 'vera': {'lambda_b', 'lambda_d'},
-                 'adalora': {'A', 'B', 'E'}}
+                 'adalora': {'A', 'B', 'E'}, 'randlora': {'lam', 'gamma'}}   # RandLoRA: and A, B with save_projection
 
 def _empty(v) -> bool: return v is None or v is False or (isinstance(v, (dict, list, str)) and not v)
 def _is_num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -104,6 +108,17 @@ def check_peft_config(cfg, where: str = PEFT_CONFIG) -> dict:
         proj = need('save_projection', boolean, 'true or false', True)
         return dict(out, method='vera', seed=seed, save_projection=proj,
                     hp=dict(r=need('r', pos_int, 'a positive int', 256), d_init=float(d)))
+    if kind == 'RANDLORA':
+        need('randlora_dropout', lambda v: v == 0, '0: our randlora has no dropout on its path', 0.0)
+        for f in ('sparse', 'very_sparse'):
+            need(f, lambda v: v is False, "false: the sparse bases are another draw (ternary entries), which ours does "
+                 "not make", False)
+        need('init_weights', boolean, 'true or false', True)
+        alpha = need('randlora_alpha', lambda v: _is_num(v) and v > 0, 'a positive number', 640)
+        seed = need('projection_prng_key', _is_int, 'an int (the seed of the shared bases)', 0)
+        proj = need('save_projection', boolean, 'true or false', True)
+        return dict(out, method='randlora', seed=seed, save_projection=proj,
+                    hp=dict(r=need('r', pos_int, 'a positive int', 32), alpha=float(alpha), bases='peft'))
     need('init_lora_weights', lambda v: any(v is x or (isinstance(v, str) and v == x) for x in LORA_INITS),
          f"one of {LORA_INITS}: the initialisations that start A and B only. The others (PiSSA, OLoRA, CorDA, LoftQ, "
          "LoRA-GA) rewrite the base weight, so their adapter fits only that rewritten base model", True)
@@ -282,17 +297,14 @@ PEFT_TABLE = {t.method: t for t in [
                                                       "approximates it, another function of the same numbers"),
                        psoft_dropout=_NO_DROP)),
 ]}
-PEFT_REFUSED = {   # PEFT types of catalogue methods whose adapters cannot be reproduced exactly here, and why
-    'RANDLORA': "PEFT draws the frozen bases from projection_prng_key in its own layout (A: (r, N, n), B: (m, N, r) of "
-                "the largest layer, sliced); ours draws them per layer shape from the tuning's seed, so no seed of ours "
-                "reproduces them and ours keeps no copy of bases it did not draw",
-}
+PEFT_REFUSED = {}  # PEFT types of catalogue methods whose adapters cannot be reproduced here (none left), and why
 PEFT_READ.update({t.peft_type: _COMMON + t.reads for t in PEFT_TABLE.values()})
 PEFT_TYPES.update({t.method: t.peft_type for t in PEFT_TABLE.values()})
 PEFT_KEYS.update({k: v for t in PEFT_TABLE.values() for k, v in ({k: v[0] for k, v in t.keys.items()} | t.derived).items()})
 _BY_TYPE = {t.peft_type: t for t in PEFT_TABLE.values()}
 PEFT_SHARED.update({k: v for t in PEFT_TABLE.values() for k, v in t.shared.items()})
-SHARED_OF = {'vera': ('base_model.vera_A', 'base_model.vera_B')} | {t.method: tuple(t.shared) for t in PEFT_TABLE.values()}
+SHARED_OF = {'vera': ('base_model.vera_A', 'base_model.vera_B'),
+             'randlora': ('base_model.randlora_A', 'base_model.randlora_B')} | {t.method: tuple(t.shared) for t in PEFT_TABLE.values()}
                                                     # the PEFT keys shared by all layers that each method's adapter holds
 
 def _eq(v, a) -> bool: return v == a and isinstance(v, bool) == isinstance(a, bool)
@@ -373,9 +385,21 @@ def _split_key(key: str, saved: list[str], where: str):
     return None
 
 def _vera_projections(spec, n, m) -> dict:
-    "VeRA's A (r, n), B (m, r) as `projection_prng_key` regenerates them: PEFT's draws, which are ours for one shape."
+    """VeRA's A (r, n), B (m, r), or RandLoRA's A (r, short), B (long, N r), as `projection_prng_key` regenerates them:
+    PEFT's draws, which are ours for one shape."""
     g = torch.Generator().manual_seed(spec['seed'])
-    return get_method('vera').factors(n, m, generator=g, **spec['hp'])
+    return get_method(spec.get('method', 'vera')).factors(n, m, generator=g, **spec['hp'])
+
+def _randlora_in(k: str, v: torch.Tensor) -> torch.Tensor:
+    "PEFT's RandLoRA bases in our layout: A (r, 1, short) -> (r, short), B (long, N, r) -> (long, N r) in our pairing."
+    from subspace_nb.catalogue.structured import randlora_from_peft
+    if v.dim() != 3: return v                                          # the shape check names it
+    return v[:, 0, :] if k == 'A' else randlora_from_peft(v)
+
+def _randlora_out(k: str, v: torch.Tensor, r: int) -> torch.Tensor:
+    "Our RandLoRA bases in PEFT's layout (`_randlora_in` undone)."
+    from subspace_nb.catalogue.structured import randlora_to_peft
+    return v[:, None, :] if k == 'A' else randlora_to_peft(v, r)
 
 def _layer_shapes(spec, n, dim_in, dim_out) -> dict:
     "The shape of each PEFT tensor of layer `n` (dim_in inputs, dim_out outputs) that this config asks for."
@@ -384,6 +408,10 @@ def _layer_shapes(spec, n, dim_in, dim_out) -> dict:
         ff = _peft_ff(n, spec['feedforward'])
         return dict(l=(1, dim_in) if ff else (dim_out, 1))
     if method == 'vera': return dict(lambda_b=(dim_out,), lambda_d=(hp['r'],))
+    if method == 'randlora':
+        from subspace_nb.catalogue.structured import randlora_bases
+        r, N, short, long = hp['r'], randlora_bases(dim_in, dim_out, hp['r']), min(dim_in, dim_out), max(dim_in, dim_out)
+        return dict(lam=(r, N), gamma=(N, short)) | (dict(A=(r, 1, short), B=(long, N, r)) if spec['save_projection'] else {})
     if method == 'adalora':
         k = sum(spec['rank_masks'].get(n, [True] * hp['r']))
         return dict(A=(k, dim_in), B=(dim_out, k), E=(k, 1))
@@ -429,8 +457,14 @@ def _plan(model, cfg: dict, tensors: dict, where: str) -> dict:
     else:
         notlin = [f"{n} ({type(mods[n]).__name__})" for n in layers if not is_linear(mods[n])]
         if notlin: raise ValueError(f"{wfile}: {_short(notlin, 3)} are not nn.Linear/Conv1D layers, which is all we tune")
+    if method in ('vera', 'randlora'):
+        kinds = sorted({dims(mods[n]) for n in layers})
+        if len(kinds) > 1:
+            raise ValueError(f"{where}: a {method} adapter on layers of several shapes (n, m) {kinds}: PEFT slices one "
+                             "pair for all of them from the largest, ours draws one pair per shape, so only an adapter "
+                             "whose target layers share one shape loads")
     if method in LAYER_TENSORS:                                         # a table method's: against its tuners, in load
-        want = LAYER_TENSORS[method]
+        want = LAYER_TENSORS[method] | ({'A', 'B'} if method == 'randlora' and spec['save_projection'] else set())
         bad = [f"{n}: {sorted(t)}" for n, t in layers.items() if set(t) != want]
         if bad:
             raise ValueError(f"{wfile}: a {method} layer holds exactly {sorted(want)} (config: peft_type="
@@ -455,21 +489,18 @@ def _plan(model, cfg: dict, tensors: dict, where: str) -> dict:
     if method == 'ia3':                                                   # our feedforward: the paper's, or PEFT's layers
         ff = [n for n in order if _peft_ff(n, spec['feedforward'])]
         if ff != [n for n in order if is_feedforward(n)]: spec['hp'] = dict(feedforward=ff)
-    if method == 'vera':
-        kinds = sorted({dims(mods[n]) for n in order})
-        if len(kinds) > 1:
-            raise ValueError(f"{where}: a VeRA adapter on layers of several shapes (n, m) {kinds}: PEFT slices one projection "
-                             "pair for all of them, ours draws one pair per shape, so only an adapter whose target layers "
-                             "share one shape loads")
-        proj = _vera_projections(spec, *kinds[0])
+    if method in ('vera', 'randlora'):                                  # one shape, checked above
+        proj = _vera_projections(spec, *dims(mods[order[0]]))
         if spec['save_projection'] != bool(shared) or (shared and set(shared) != {'A', 'B'}):
             raise ValueError(f"{where}: save_projection={spec['save_projection']!r}, but {wfile} holds {len(shared)} of the "
-                             f"two projections {', '.join(PEFT_SHARED)}: expected both with save_projection=true, none "
-                             "with false")
-        if shared:
-            if any(shared[k].shape != proj[k].shape or not torch.equal(shared[k].float(), proj[k]) for k in 'AB'):
-                raise ValueError(f"{wfile}: the saved projections vera_A, vera_B are not the ones projection_prng_key="
-                                 f"{spec['seed']} regenerates (shapes {[tuple(shared[k].shape) for k in 'AB']}); ours are "
+                             f"two projections {', '.join(SHARED_OF[method])}: expected both with save_projection=true, "
+                             "none with false")
+        saved_pairs = [shared] + [{k: t[k] for k in 'AB'} for t in layers.values() if method == 'randlora'] if shared else []
+        for got in saved_pairs:                                           # RandLoRA's layers hold copies of the pair too
+            got = {k: _randlora_in(k, v) if method == 'randlora' else v for k, v in got.items()}
+            if any(got[k].shape != proj[k].shape or not torch.equal(got[k].float(), proj[k]) for k in 'AB'):
+                raise ValueError(f"{wfile}: the saved {method} A, B are not the ones projection_prng_key="
+                                 f"{spec['seed']} regenerates (shapes {[tuple(got[k].shape) for k in 'AB']}); ours are "
                                  "always regenerated from the seed, so only such an adapter loads")
         spec['projections'] = proj
     tab = PEFT_TABLE.get(method)
@@ -531,6 +562,7 @@ def _copy_in(t, method: str, got: dict, mask=None):
     "PEFT's tensors of one layer into our tuner `t` (`mask`: AdaLoRA's kept triplets, where the saved rows go)."
     if method == 'ia3': (t.l_in if t.l_in is not None else t.l_out).copy_(got['l'].reshape(-1))
     elif method == 'vera': t.lambda_b.copy_(got['lambda_b']); t.lambda_d.copy_(got['lambda_d'])
+    elif method == 'randlora': t.lam.copy_(got['lam']); t.gamma.copy_(got['gamma'])     # A, B: checked in the plan
     elif method == 'adalora':
         keep = torch.tensor(mask if mask is not None else [True] * t.r, device=t.A.device)
         for p in (t.A, t.B, t.D): p.zero_()                       # a dropped triplet: nothing left of it
@@ -564,10 +596,10 @@ def load_peft_adapter(model: nn.Module, path) -> nn.Module:
             for m, state in plan['head'].items():
                 live = model.get_submodule(m).state_dict(keep_vars=True)
                 for k, v in state.items(): live[k].copy_(v)
-        if method == 'vera':                                          # ours regenerated the projections PEFT saved or regenerates
+        if method in ('vera', 'randlora'):                            # ours regenerated the projections PEFT saved or regenerates
             t0 = next(iter(ts.values()))
             if not all(torch.equal(getattr(t0, k).cpu(), plan['projections'][k]) for k in 'AB'):
-                raise ValueError(f"{path}: our vera drew other projections from seed {plan['seed']} than PEFT's "
+                raise ValueError(f"{path}: our {method} drew other projections from seed {plan['seed']} than PEFT's "
                                  f"projection_prng_key gives; the adapter was not loaded")
     except Exception:                                                 # all or nothing: back to the plain model
         with torch.no_grad():
@@ -636,6 +668,29 @@ def _peft_vera(model, ts, hp: dict, seed: int) -> tuple[dict, dict]:
         out[f'{PEFT_PREFIX}{n}.vera_lambda_b'], out[f'{PEFT_PREFIX}{n}.vera_lambda_d'] = t.lambda_b, t.lambda_d
     return conf, out
 
+def _peft_randlora(model, ts, hp: dict, seed: int) -> tuple[dict, dict]:
+    "PEFT's RandLoRA config and tensors: one pair of bases, which PEFT regenerates from `projection_prng_key` = our seed."
+    t0 = next(iter(ts.values()))
+    if t0.bases != 'peft':
+        raise ValueError(f"randlora with bases={t0.bases!r} has no PEFT form: PEFT draws its bases in bfloat16 and pairs "
+                         "their columns its own way (tune with bases='peft')")
+    kinds = sorted({(t.n, t.m) for t in ts.values()})
+    if len(kinds) > 1 or any(not (torch.equal(t.A, t0.A) and torch.equal(t.B, t0.B)) for t in ts.values()):
+        raise ValueError(f"randlora on layers of several shapes {kinds} or with several pairs of bases (share="
+                         f"{hp.get('share', 'shape')!r}): PEFT's RandLoRA slices one pair from the largest layer's, so only "
+                         "a randlora tuning whose layers share one shape and one pair can be written")
+    proj = _vera_projections(dict(method='randlora', seed=seed, hp=dict(r=t0.r, alpha=t0.alpha, bases='peft')), *kinds[0])
+    if not all(torch.equal(getattr(t0, k).detach().float().cpu(), proj[k]) for k in 'AB'):
+        raise ValueError(f"the randlora bases are not the ones seed={seed} regenerates; PEFT would regenerate those")
+    conf = dict(peft_type='RANDLORA', r=t0.r, randlora_alpha=t0.alpha, projection_prng_key=seed, save_projection=True,
+                sparse=False, very_sparse=False, randlora_dropout=0.0, bias='none', init_weights=True)
+    pair = {k: _randlora_out(k, getattr(t0, k), t0.r) for k in 'AB'}
+    out = {f'base_model.randlora_{k}': v for k, v in pair.items()}
+    for n, t in ts.items():                                             # PEFT's layers hold the pair too
+        out |= {f'{PEFT_PREFIX}{n}.randlora_lambda': t.lam, f'{PEFT_PREFIX}{n}.randlora_gamma': t.gamma}
+        out |= {f'{PEFT_PREFIX}{n}.randlora_{k}': v for k, v in pair.items()}
+    return conf, out
+
 def _peft_adalora(model, ts, total_step) -> tuple[dict, dict]:
     "PEFT's AdaLoRA config and tensors; after an allocation (dropped triplets at 0) pruned as PEFT saves it, the masks in `rank_pattern`."
     from subspace_nb.extension.lora_family import warmup_steps
@@ -690,6 +745,7 @@ def _peft_files(model: nn.Module, total_step: int | None = None) -> tuple[dict, 
                     init_ia3_weights=True)
         out = {f'{PEFT_PREFIX}{n}.ia3_l': t.l_in[None, :] if t.l_in is not None else t.l_out[:, None] for n, t in ts.items()}
     elif method == 'vera': conf, out = _peft_vera(model, ts, hp, cfg['seed'])
+    elif method == 'randlora': conf, out = _peft_randlora(model, ts, hp, cfg['seed'])
     elif method == 'adalora': conf, out = _peft_adalora(model, ts, total_step)
     elif method == 'ln-tuning':
         from subspace_nb.catalogue.sparse import norm_params

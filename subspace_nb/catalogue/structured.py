@@ -13,8 +13,9 @@ from ..extension.shared import Shared, check_width
 from ..extension.lora import one_gemm, one_gemm_ok
 
 # %% auto #0
-__all__ = ['Structured', 'LoHa', 'factorization', 'lokr_shapes', 'LoKr', 'FourierFT', 'fit_length', 'check_length',
-           'BlockCorrelation', 'C3A', 'randlora_bases', 'RandLoRA', 'bank_mix', 'VBLoRA']
+__all__ = ['RANDLORA_BASES', 'Structured', 'LoHa', 'factorization', 'lokr_shapes', 'LoKr', 'FourierFT', 'fit_length',
+           'check_length', 'BlockCorrelation', 'C3A', 'randlora_bases', 'randlora_from_peft', 'randlora_to_peft',
+           'RandLoRA', 'bank_mix', 'VBLoRA']
 
 # %% ../../nbs/72_structured.ipynb #c006
 class Structured(Tuner):
@@ -210,6 +211,18 @@ def randlora_bases(n: int, m: int, r: int) -> int:
     r"$N = \lceil \min(n, m) / r \rceil$: enough rank-r bases for $\Delta W$ to reach full rank."
     return -(-min(n, m) // r)
 
+RANDLORA_BASES = ('ours', 'peft')   # how the frozen bases are drawn: float32 (ours), or as PEFT's RandLoRA draws and pairs them
+
+def randlora_from_peft(B: torch.Tensor) -> torch.Tensor:
+    "PEFT's bases B (long, N, r) in our layout and pairing: (long, N r), column j r + k paired with row k of Λ_j A Γ_j."
+    long, N, r = B.shape
+    return B.flatten(1).view(long, r, N).transpose(1, 2).reshape(long, N * r)
+
+def randlora_to_peft(B: torch.Tensor, r: int) -> torch.Tensor:
+    "`randlora_from_peft` undone: our (long, N r) as PEFT's (long, N, r)."
+    long, N = B.shape[0], B.shape[1] // r
+    return B.view(long, N, r).transpose(1, 2).reshape(long, N * r).unflatten(1, (N, r))
+
 @register
 class RandLoRA(Shared):
     r"RandLoRA: $\Delta W = s\sum_{j=1}^{N} B_j\Lambda_j A\,\Gamma_j$ (long side first), $A$, $B_j$ frozen random, shared; $\Lambda_j$ ($r$), $\Gamma_j$ (short side) train."
@@ -219,10 +232,10 @@ class RandLoRA(Shared):
     formula = 'N (r + min(n, m)) per layer, N = ceil(min(n, m)/r) (A, B frozen, shared, regenerated from the seed)'
     test_hp = dict(r=2, alpha=4.0)
 
-    def __init__(self, base, shared, i, r: int = 32, alpha: float = 640.0, generator=None):
+    def __init__(self, base, shared, i, r: int = 32, alpha: float = 640.0, bases: str = 'ours', generator=None):
         super().__init__(base, shared, i)
         check_width(r)
-        self.r, self.alpha, self.s = r, float(alpha), float(alpha) / r
+        self.r, self.alpha, self.s, self.bases = r, float(alpha), float(alpha) / r, bases
         N, short = randlora_bases(self.n, self.m, r), min(self.n, self.m)
         self.lam = self.new(r, N)                                              # Λ_j = diag(lam[:, j]), 0: Delta W = 0
         self.gamma = self.new(N, short, init='ones')                           # Γ_j = diag(gamma[j])
@@ -234,17 +247,22 @@ class RandLoRA(Shared):
     def B(self): return self.factor('B')                                       # (long, N r): [B_1 ... B_N], shared, frozen
 
     @classmethod
-    def attach(cls, model, layers, r: int = 32, alpha: float = 640.0, share: str = 'shape', generator=None):
-        cls.share_factors(model, layers, share, generator, r=r, alpha=alpha)
+    def attach(cls, model, layers, r: int = 32, alpha: float = 640.0, bases: str = 'ours', share: str = 'shape',
+               generator=None):
+        cls.share_factors(model, layers, share, generator, r=r, alpha=alpha, bases=bases)
 
     @classmethod
-    def factors(cls, n, m, generator=None, r=32, alpha=640.0):
+    def factors(cls, n, m, generator=None, r=32, alpha=640.0, bases='ours'):
         check_width(r)
-        N = randlora_bases(n, m, r)
-        A = torch.empty(r, min(n, m))
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        B = torch.cat([nn.init.kaiming_uniform_(torch.empty(max(n, m), r), a=math.sqrt(5), generator=generator) for _ in range(N)], 1)
-        return dict(A=A / A.std(), B=B / B.std())                              # unit-variance bases
+        if bases not in RANDLORA_BASES:
+            raise ValueError(f"bases={bases!r}: expected 'ours' (float32 draws) or 'peft' (drawn in bfloat16 and paired "
+                             "as PEFT's RandLoRA does, so that its adapter files load and save)")
+        N, dt = randlora_bases(n, m, r), torch.bfloat16 if bases == 'peft' else torch.float32
+        A = nn.init.kaiming_uniform_(torch.empty(r, min(n, m), dtype=dt), a=math.sqrt(5), generator=generator)
+        B = torch.cat([nn.init.kaiming_uniform_(torch.empty(max(n, m), r, dtype=dt), a=math.sqrt(5), generator=generator)
+                       for _ in range(N)], 1)
+        A, B = A / A.std(), B / B.std()                                         # unit-variance bases
+        return dict(A=A, B=randlora_from_peft(B.unflatten(1, (N, r))) if bases == 'peft' else B)
 
     def scaled(self) -> torch.Tensor:
         r"$[\Lambda_1 A\Gamma_1; \dots; \Lambda_N A\Gamma_N]$, $(N r, \text{short})$: the trained vectors folded into the short basis."
@@ -265,10 +283,10 @@ class RandLoRA(Shared):
         return self.s * (M if self.n <= self.m else M.T)                        # torch layout (m, n)
 
     @classmethod
-    def n_params(cls, n, m, r=32, alpha=640.0):
+    def n_params(cls, n, m, r=32, alpha=640.0, bases='ours'):
         return randlora_bases(n, m, r) * (r + min(n, m))
 
-    def extra_repr(self): return super().extra_repr() + f", r={self.r}, s={self.s:g}"
+    def extra_repr(self): return super().extra_repr() + f", r={self.r}, s={self.s:g}" + (", PEFT's bases" if self.bases == 'peft' else '')
 
 # %% ../../nbs/72_structured.ipynb #c105
 def bank_mix(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:

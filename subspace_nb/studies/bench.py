@@ -130,7 +130,7 @@ def _peft_file(m):
     return get_peft_config(dict(peft_file_config(m), inference_mode=False))
 
 def _peft_randlora(m):
-    "RandLoRA: PEFT draws its frozen bases its own way (no adapter file of ours reproduces them); the same r, alpha and layers."
+    "RandLoRA: on layers of several shapes PEFT slices one pair of frozen bases where ours draws one per shape; the same r, alpha and layers."
     from peft import RandLoraConfig
     t = _first(m)
     return RandLoraConfig(r=t.r, randlora_alpha=t.alpha, target_modules=_exact(m.subspace['layers']))
