@@ -384,7 +384,7 @@ def _split_key(key: str, saved: list[str], where: str):
             return 'head', mod, rest
     return None
 
-def _vera_projections(spec, n, m) -> dict:
+def _projections(spec, n, m) -> dict:
     """VeRA's A (r, n), B (m, r), or RandLoRA's A (r, short), B (long, N r), as `projection_prng_key` regenerates them:
     PEFT's draws, which are ours for one shape."""
     g = torch.Generator().manual_seed(spec['seed'])
@@ -490,7 +490,7 @@ def _plan(model, cfg: dict, tensors: dict, where: str) -> dict:
         ff = [n for n in order if _peft_ff(n, spec['feedforward'])]
         if ff != [n for n in order if is_feedforward(n)]: spec['hp'] = dict(feedforward=ff)
     if method in ('vera', 'randlora'):                                  # one shape, checked above
-        proj = _vera_projections(spec, *dims(mods[order[0]]))
+        proj = _projections(spec, *dims(mods[order[0]]))
         if spec['save_projection'] != bool(shared) or (shared and set(shared) != {'A', 'B'}):
             raise ValueError(f"{where}: save_projection={spec['save_projection']!r}, but {wfile} holds {len(shared)} of the "
                              f"two projections {', '.join(SHARED_OF[method])}: expected both with save_projection=true, "
@@ -650,17 +650,23 @@ def _peft_lora(model, ts, method: str, hp: dict) -> tuple[dict, dict]:
         if method == 'dora': out[f'{PEFT_PREFIX}{n}.lora_magnitude_vector'] = t.magnitude
     return conf, out
 
-def _peft_vera(model, ts, hp: dict, seed: int) -> tuple[dict, dict]:
-    "PEFT's VeRA config and tensors: one projection pair, which PEFT regenerates from `projection_prng_key` = our seed."
+def _one_pair(ts: dict, method: str, hp: dict, seed: int, factor_hp: dict):
+    "The first tuner of a VeRA or RandLoRA tuning whose layers share one shape and one frozen pair A, B, the one `seed` regenerates."
     t0 = next(iter(ts.values()))
     kinds = sorted({(t.n, t.m) for t in ts.values()})
     if len(kinds) > 1 or any(not (torch.equal(t.A, t0.A) and torch.equal(t.B, t0.B)) for t in ts.values()):
-        raise ValueError(f"vera on layers of several shapes {kinds} or with several projection pairs (share="
-                         f"{hp.get('share', 'shape')!r}): PEFT's VeRA slices one pair for all layers, so only a vera tuning "
-                         "whose layers share one shape and one pair can be written")
-    proj = _vera_projections(dict(seed=seed, hp=dict(r=t0.r, d_init=hp.get('d_init', 0.1))), *kinds[0])
+        raise ValueError(f"{method} on layers of several shapes {kinds} or with several pairs A, B (share="
+                         f"{hp.get('share', 'shape')!r}): PEFT slices one pair from the largest layer's for all layers, so "
+                         f"only a {method} tuning whose layers share one shape and one pair can be written")
+    proj = _projections(dict(method=method, seed=seed, hp=factor_hp), *kinds[0])
     if not all(torch.equal(getattr(t0, k).detach().float().cpu(), proj[k]) for k in 'AB'):
-        raise ValueError(f"the vera projections are not the ones seed={seed} regenerates; PEFT would regenerate those")
+        raise ValueError(f"the {method} pair A, B is not the one seed={seed} regenerates; PEFT would regenerate that")
+    return t0
+
+def _peft_vera(model, ts, hp: dict, seed: int) -> tuple[dict, dict]:
+    "PEFT's VeRA config and tensors: one projection pair, which PEFT regenerates from `projection_prng_key` = our seed."
+    t0 = next(iter(ts.values()))
+    t0 = _one_pair(ts, 'vera', hp, seed, dict(r=t0.r, d_init=hp.get('d_init', 0.1)))
     conf = dict(peft_type='VERA', r=t0.r, projection_prng_key=seed, save_projection=True, vera_dropout=0.0,
                 d_initial=float(hp.get('d_init', 0.1)), bias='none', init_weights=True)
     out = {'base_model.vera_A': t0.A, 'base_model.vera_B': t0.B}
@@ -674,14 +680,7 @@ def _peft_randlora(model, ts, hp: dict, seed: int) -> tuple[dict, dict]:
     if t0.bases != 'peft':
         raise ValueError(f"randlora with bases={t0.bases!r} has no PEFT form: PEFT draws its bases in bfloat16 and pairs "
                          "their columns its own way (tune with bases='peft')")
-    kinds = sorted({(t.n, t.m) for t in ts.values()})
-    if len(kinds) > 1 or any(not (torch.equal(t.A, t0.A) and torch.equal(t.B, t0.B)) for t in ts.values()):
-        raise ValueError(f"randlora on layers of several shapes {kinds} or with several pairs of bases (share="
-                         f"{hp.get('share', 'shape')!r}): PEFT's RandLoRA slices one pair from the largest layer's, so only "
-                         "a randlora tuning whose layers share one shape and one pair can be written")
-    proj = _vera_projections(dict(method='randlora', seed=seed, hp=dict(r=t0.r, alpha=t0.alpha, bases='peft')), *kinds[0])
-    if not all(torch.equal(getattr(t0, k).detach().float().cpu(), proj[k]) for k in 'AB'):
-        raise ValueError(f"the randlora bases are not the ones seed={seed} regenerates; PEFT would regenerate those")
+    t0 = _one_pair(ts, 'randlora', hp, seed, dict(r=t0.r, alpha=t0.alpha, bases='peft'))
     conf = dict(peft_type='RANDLORA', r=t0.r, randlora_alpha=t0.alpha, projection_prng_key=seed, save_projection=True,
                 sparse=False, very_sparse=False, randlora_dropout=0.0, bias='none', init_weights=True)
     pair = {k: _randlora_out(k, getattr(t0, k), t0.r) for k in 'AB'}
