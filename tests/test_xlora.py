@@ -164,3 +164,153 @@ def test_subspace_trainer_trains_the_mixture(tmp_path):
     moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.startswith(('xlora.classifier.', 'classifier.', 'bert.pooler.')) for n in moved), moved
     assert any(n.startswith('xlora.classifier.') for n in moved)
+
+
+# ---- PEFT's X-LoRA folders both ways -------------------------------------------------------------------------------
+def _peft_xlora(peft_experts, seed=0, **theirs):
+    "PEFT's X-LoRA over the fixture's experts, its classifier moved off init."
+    import warnings
+    from peft import XLoraConfig, get_peft_model
+    base = tiny_lm('llama'); base.config.use_cache = False
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        px = get_peft_model(base, XLoraConfig(task_type='CAUSAL_LM', hidden_size=32, adapters=peft_experts, **theirs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in px.base_model.internal_xlora_classifier.parameters(): p.copy_(2 * torch.randn(p.shape, generator=g))
+    return px.eval()
+
+
+def _peft_load(folder, adapters):
+    import warnings
+    from peft import PeftModel
+    base = tiny_lm('llama'); base.config.use_cache = False
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return PeftModel.from_pretrained(base, folder, adapters=adapters).eval()
+
+
+IDS = torch.randint(2, 99, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def test_peft_own_save_loses_the_classifier(peft_experts, tmp_path):
+    "PEFT 0.21's save_pretrained drops the classifier's first layer: its own reload computes another function, silently."
+    from subspace_nb.peft_adapters import load_peft_adapter
+    from subspace_nb.peft_adapters import load_xlora_peft
+    px = _peft_xlora(peft_experts, xlora_depth=2, xlora_size=8)
+    px.save_pretrained(tmp_path / 'x')
+    back = _peft_load(tmp_path / 'x', peft_experts)
+    with torch.no_grad(): assert (back(input_ids=IDS).logits - px(input_ids=IDS).logits).abs().max() > 1e-2
+    m = tiny_lm('llama')
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lacks the classifier's \['0.bias', '0.weight'\]"):
+        load_xlora_peft(m, tmp_path / 'x', adapters=peft_experts)
+    with pytest.raises(ValueError, match="expert '0'.*does not start with 'base_model.model.'.*pass adapters"):   # PEFT's subfolders: base weights
+        load_peft_adapter(m, tmp_path / 'x')
+    assert not hasattr(m, 'xlora') and not tuners(m)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize('setting', range(len(SETTINGS)))
+def test_ours_loads_peft_format(peft_experts, tmp_path, setting):
+    "A folder in PEFT's format (PEFT's config, its classifier whole) with PEFT's expert folders: our model computes PEFT's logits."
+    from safetensors.torch import save_file
+    from subspace_nb.peft_adapters import load_xlora_peft
+    theirs, ours = SETTINGS[setting]
+    px = _peft_xlora(peft_experts, setting, **theirs)
+    px.save_pretrained(tmp_path / 'x')
+    clf = px.base_model.internal_xlora_classifier.layers.state_dict()
+    save_file({f'base_model.internal_xlora_classifier.layers.{k}': v.contiguous() for k, v in clf.items()},
+              str(tmp_path / 'x' / 'adapter_model.safetensors'))
+    assert torch.equal(_peft_load(tmp_path / 'x', peft_experts)(input_ids=IDS).logits, px(input_ids=IDS).logits)
+    m = load_xlora_peft(tiny_lm('llama'), tmp_path / 'x', adapters=peft_experts).eval()
+    assert {k: v for k, v in m.xlora.hp.items() if k in ours} == ours
+    with torch.no_grad(): torch.testing.assert_close(m(input_ids=IDS).logits, px(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def _ours_from(peft_experts, drop=0.0, **hp):
+    "Our X-LoRA over the fixture's experts (the first with LoRA dropout `drop`), the classifier drawn off init."
+    from safetensors.torch import load_file
+    m = tiny_lm('llama')
+    for i, (r, targets) in enumerate(EXPERTS):
+        w = load_file(f'{peft_experts[str(i)]}/adapter_model.safetensors')
+        add_tuning(m, str(i), 'lora', r=r, alpha=1.5 * r + i, targets=targets, dropout=drop if i == 0 else 0.0, seed=i)
+        with torch.no_grad():
+            for n, t in tuners(m).items():
+                t.A.copy_(w[f'base_model.model.{n}.lora_A.weight']); t.B.copy_(w[f'base_model.model.{n}.lora_B.weight'])
+    apply_xlora(m, [str(i) for i in range(len(EXPERTS))], **hp)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in m.xlora.classifier.parameters(): p.copy_(2 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+@pytest.mark.parametrize('setting', range(len(SETTINGS)))
+def test_peft_loads_ours(peft_experts, tmp_path, setting):
+    "save_peft_adapter's folder: PEFT's from_pretrained gives our logits, our load_peft_adapter the same model again."
+    import json
+    from subspace_nb.peft_adapters import save_peft_adapter, load_peft_adapter
+    theirs, ours = SETTINGS[setting]
+    m = _ours_from(peft_experts, drop=0.1, **ours)
+    with torch.no_grad(): y = m(input_ids=IDS).logits
+    save_peft_adapter(m, tmp_path / 'x')
+    cfg = json.loads((tmp_path / 'x' / 'adapter_config.json').read_text())
+    assert {k: cfg[k] for k in theirs} == theirs and cfg['peft_type'] == 'XLORA'
+    assert json.loads((tmp_path / 'x' / '0' / 'adapter_config.json').read_text())['lora_dropout'] == 0.1
+    n = len(EXPERTS)
+    back = _peft_load(tmp_path / 'x', {str(i): str(tmp_path / 'x' / str(i)) for i in range(n)})
+    torch.testing.assert_close(back(input_ids=IDS).logits, y, rtol=1e-5, atol=1e-5)
+    for k, v in back.base_model.internal_xlora_classifier.layers.state_dict().items():
+        assert torch.equal(v, m.xlora.classifier.state_dict()[k])
+    again = load_peft_adapter(tiny_lm('llama'), tmp_path / 'x').eval()
+    with torch.no_grad(): assert torch.equal(again(input_ids=IDS).logits, y)
+    assert [t.drop.p for t in again.get_submodule('model.layers.0.self_attn.q_proj').tuners[:1]] == [0.1]
+
+
+def test_expert_dropout_as_peft(peft_experts, tmp_path):
+    "In training, each expert's LoRA dropout acts as in PEFT: with the same random state, the same logits."
+    import warnings, shutil
+    from peft import LoraConfig, XLoraConfig, get_peft_model
+    paths = {}
+    for i, (r, targets) in enumerate(EXPERTS):              # the fixture's experts with lora_dropout 0.3 on the first
+        cfg = json_of(peft_experts[str(i)])
+        shutil.copytree(peft_experts[str(i)], tmp_path / str(i))
+        if i == 0: cfg['lora_dropout'] = 0.3; (tmp_path / '0' / 'adapter_config.json').write_text(__import__('json').dumps(cfg))
+        paths[str(i)] = str(tmp_path / str(i))
+    px = _peft_xlora(paths, xlora_depth=1, scaling_pass_value=0.2).train()
+    m = _ours_from(peft_experts, drop=0.3, depth=1, scaling_pass_value=0.2)
+    m.xlora.classifier.load_state_dict(px.base_model.internal_xlora_classifier.layers.state_dict())
+    m.train()
+    with torch.no_grad():
+        for s in range(3):
+            torch.manual_seed(s); yp = px(input_ids=IDS).logits
+            torch.manual_seed(s); y = m(input_ids=IDS).logits
+            torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
+        m.eval(); ye = m(input_ids=IDS).logits
+    assert (y - ye).abs().max() > 1e-3                       # the dropout acted
+
+
+def json_of(folder):
+    import json, pathlib
+    return json.loads((pathlib.Path(folder) / 'adapter_config.json').read_text())
+
+
+def test_peft_files_refusals(tmp_path):
+    from subspace_nb.peft_adapters import save_peft_adapter, load_peft_adapter
+    m = two_experts(tiny_model('bert'))
+    apply_xlora(m, ['a', 'b'])
+    with pytest.raises(ValueError, match="no task head.*'classifier'"): save_peft_adapter(m, tmp_path / 'x')
+    assert not (tmp_path / 'x').exists()
+    lm = two_experts(tiny_lm('gpt2'))                        # GPT-2's Conv1D layers: fan_in_fan_out
+    apply_xlora(lm, ['a', 'b'], depth=2, size=4).eval()
+    with torch.no_grad(): lm.xlora.classifier[0].weight.mul_(30); y = lm(input_ids=IDS).logits
+    save_peft_adapter(lm, tmp_path / 'g')
+    assert json_of(tmp_path / 'g' / '0')['fan_in_fan_out'] is True
+    with torch.no_grad(): assert torch.equal(load_peft_adapter(tiny_lm('gpt2'), tmp_path / 'g').eval()(input_ids=IDS).logits, y)
+    cfg = json_of(tmp_path / 'g')
+    for change, msg in [(dict(top_k_lora=5), 'top_k=5'), (dict(hidden_size=64), 'hidden_size=64'),
+                        (dict(xlora_depth=3), 'do not describe'), (dict(layerwise_scalings=True), 'does not fit'), (dict(layer_replication=[[0, 1]]), 'layer_replication')]:
+        (tmp_path / 'g' / 'adapter_config.json').write_text(__import__('json').dumps(cfg | change))
+        plain = tiny_lm('gpt2')
+        with pytest.raises(ValueError, match=msg): load_peft_adapter(plain, tmp_path / 'g')
+        assert not hasattr(plain, 'xlora') and not tuners(plain)

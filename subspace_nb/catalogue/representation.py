@@ -210,9 +210,9 @@ def route(g: torch.Tensor, top_k: int | None = None, softmax_topk: bool = False)
         g = torch.softmax(g.masked_fill(~keep, float('-inf')), -1).masked_fill(~keep, 0.)
     return g
 
-def mixture_path(x, A, B, g, s) -> torch.Tensor:
-    r"$\sum_j g_j s_j (x A_j) B_j$ with the experts' factors stacked: A (R, n), B (m, R), the gate and scale of each of the R columns g (..., R), s (R,)."
-    return ((x @ A.T) * (g * s)) @ B.T
+def mixture_path(xA, B, g, s) -> torch.Tensor:
+    r"$\sum_j g_j s_j (x A_j) B_j$ with the experts' factors stacked: xA (..., R) the input through A (R, n), B (m, R), the gate and scale of each of the R columns g (..., R), s (R,)."
+    return (xA * (g * s)) @ B.T
 
 
 # %% ../../nbs/74_representation.ipynb #c034
@@ -221,11 +221,14 @@ class Mixture(nn.Module):
     def __init__(self, base: nn.Module, owner, i: int, experts: dict):
         super().__init__()
         self.base, self.i, self._owner = base, i, [owner]          # a list: the owner is not a submodule of its layers
+        self.tuners = list(experts.values())                        # the experts' tuners here, for saving (a plain list)
         self.A = nn.ParameterList([t.A for t in experts.values()])  # the experts' own parameters, not copies
         self.B = nn.ParameterList([t.B for t in experts.values()])
         col = [j for j, t in experts.items() for _ in range(t.r)]   # the expert of each of the R = sum r_j columns
         self.register_buffer('col', torch.tensor(col), persistent=False)
         self.register_buffer('s', torch.tensor([t.s for t in experts.values() for _ in range(t.r)]), persistent=False)
+        self.drop = nn.ModuleList([t.drop for t in experts.values()])      # each expert's LoRA dropout (Identity when none)
+        self.dropping = any(isinstance(d, nn.Dropout) for d in self.drop)
 
     def forward(self, x):
         y, xl = self.base(x), self._owner[0]
@@ -235,7 +238,11 @@ class Mixture(nn.Module):
             raise RuntimeError(f"X-LoRA's gates are worked out by the model's own forward; this call of a mixed layer "
                                f"(input {tuple(x.shape)}) did not come through it: call the tuned model itself")
         A, B = torch.cat(list(self.A)), torch.cat(list(self.B), 1)                    # (R, n), (m, R)
-        z = mixture_path(x.to(A.dtype), A, B, g[:, :, self.i, self.col], self.s)
+        x = x.to(A.dtype)
+        if self.training and self.dropping:      # a mask per expert, on its own input: dropout(g x) = g dropout(x), as PEFT's
+            xA = torch.cat([d(x) @ a.T for d, a in zip(self.drop, self.A)], -1)
+        else: xA = x @ A.T
+        z = mixture_path(xA, B, g[:, :, self.i, self.col], self.s)
         return y + (xl.weight * z).to(y.dtype)
 
     def extra_repr(self): return f"layer={self.i}, experts={len(self.A)}, R={len(self.col)}"
@@ -339,6 +346,13 @@ class XLoRA(nn.Module):
 
 
 # %% ../../nbs/74_representation.ipynb #c039
+def _xl(model) -> XLoRA:
+    "The model's X-LoRA module; an error says how to get one."
+    xl = getattr(model, 'xlora', None)
+    if type(xl).__name__ != 'XLoRA':            # by name: a class re-run in a notebook is still X-LoRA
+        raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
+    return xl
+
 def _experts_of(model, sources) -> dict:
     "name -> {layer: LoRA tuner} for each source: a tuning of `model` by name, or a folder `save_tuning` wrote (loaded under its folder's name)."
     if not isinstance(sources, (list, tuple)) or not sources:
@@ -405,8 +419,7 @@ def apply_xlora(model: nn.Module, experts: list, seed: int = 0, **hp) -> nn.Modu
 
 def remove_xlora(model: nn.Module) -> nn.Module:
     "Take X-LoRA off: the plain layers, the flags from before, and the model's named tunings (its experts) back, none active."
-    xl = getattr(model, 'xlora', None)
-    if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
+    xl = _xl(model)
     for n in xl.layers: _set_module(model, n, model.get_submodule(n).base)
     remove_module(model, 'xlora')
     for n, p in model.named_parameters(): p.requires_grad_(xl.flags.get(n, True))
@@ -416,8 +429,7 @@ def remove_xlora(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable_xlora(model: nn.Module):
     "Inside: the plain model (no scaling pass, no experts)."
-    xl = getattr(model, 'xlora', None)
-    if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
+    xl = _xl(model)
     xl.enabled = False
     try: yield model
     finally: xl.enabled = True
@@ -426,22 +438,42 @@ def disable_xlora(model: nn.Module):
 # %% ../../nbs/74_representation.ipynb #c040
 XLORA_CONFIG, XLORA_WEIGHTS = 'xlora.json', 'xlora.safetensors'
 
-def save_xlora(model: nn.Module, path) -> Path:
-    "Save X-LoRA into folder `path`: its settings and each expert's factors per layer (json), the classifier, the task head and the factors (safetensors)."
-    xl = getattr(model, 'xlora', None)
-    if not isinstance(xl, XLoRA): raise ValueError("the model has no X-LoRA: apply_xlora or load_xlora first")
-    state = {f'classifier.{k}': v for k, v in xl.classifier.state_dict().items()}
-    for h in xl.heads: state |= {f'head/{k}': v for k, v in model.get_submodule(h).state_dict(prefix=f'{h}.').items()}
-    scales = {e: {} for e in xl.experts}
+def _expert_tuners(model, xl) -> dict:
+    "expert -> layer -> its LoRA tuner, over the mixed layers of `model`."
+    out = {e: {} for e in xl.experts}
     for n in xl.layers:
         mx = model.get_submodule(n)
-        for j, (A, B) in zip(mx.col.unique_consecutive().tolist(), zip(mx.A, mx.B)):
-            e = xl.experts[j]
-            state[f'{e}/{n}.A'], state[f'{e}/{n}.B'] = A, B
-            scales[e][n] = mx.s[(mx.col == j).nonzero()[0, 0]].item()
+        for j, t in zip(mx.col.unique_consecutive().tolist(), mx.tuners): out[xl.experts[j]][n] = t
+    return out
+
+def _p(t) -> float: return t.drop.p if isinstance(t.drop, nn.Dropout) else 0.0
+
+def _lora_experts(model, factors: dict, where) -> dict:
+    "expert -> layer -> a LoRA tuner holding the saved factors, from expert -> layer -> (A, B, hp); shapes checked against `model`."
+    experts = {}
+    for e, layers in factors.items():
+        experts[e] = {}
+        for n, (A, B, hp) in layers.items():
+            t = LoRA(model.get_submodule(n), **hp)
+            if tuple(t.A.shape) != tuple(A.shape) or tuple(t.B.shape) != tuple(B.shape):
+                raise ValueError(f"{where}: expert {e!r} at {n} has factors {tuple(A.shape)}, {tuple(B.shape)}; this model's "
+                                 f"layer takes {tuple(t.A.shape)}, {tuple(t.B.shape)}: it was saved on another base model")
+            with torch.no_grad(): t.A.copy_(A); t.B.copy_(B)
+            experts[e][n] = t
+    return experts
+
+def save_xlora(model: nn.Module, path) -> Path:
+    "Save X-LoRA into folder `path`: its settings and each expert's factors per layer (json), the classifier, the task head and the factors (safetensors)."
+    xl = _xl(model)
+    state = {f'classifier.{k}': v for k, v in xl.classifier.state_dict().items()}
+    for h in xl.heads: state |= {f'head/{k}': v for k, v in model.get_submodule(h).state_dict(prefix=f'{h}.').items()}
+    ts = _expert_tuners(model, xl)
+    state |= {f'{e}/{n}.{k}': getattr(t, k) for e, layers in ts.items() for n, t in layers.items() for k in 'AB'}
+    scales = {e: {n: t.s for n, t in layers.items()} for e, layers in ts.items()}
+    drops = {e: {n: _p(t) for n, t in layers.items()} for e, layers in ts.items()}
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path / XLORA_WEIGHTS))
-    (path / XLORA_CONFIG).write_text(json.dumps(dict(experts=xl.experts, hp=xl.hp, scales=scales), indent=1))
+    (path / XLORA_CONFIG).write_text(json.dumps(dict(experts=xl.experts, hp=xl.hp, scales=scales, dropout=drops), indent=1))
     return path
 
 def load_xlora(model: nn.Module, path, seed: int = 0) -> nn.Module:
@@ -450,18 +482,11 @@ def load_xlora(model: nn.Module, path, seed: int = 0) -> nn.Module:
     cfg, state = json.loads((path / XLORA_CONFIG).read_text()), load_file(str(path / XLORA_WEIGHTS))
     if hasattr(model, 'xlora') or tuners(model):
         raise ValueError("load_xlora needs a plain model (no X-LoRA, no tuners in its layers)")
-    hp, experts = check_xlora(cfg['hp'], len(cfg['experts'])), {}
-    for e in cfg['experts']:
-        experts[e] = {}
-        for n, s in cfg['scales'][e].items():
-            A, B = state[f'{e}/{n}.A'], state[f'{e}/{n}.B']
-            t = LoRA(model.get_submodule(n), r=A.shape[0], alpha=s * A.shape[0])   # shapes checked against the layer
-            if tuple(t.A.shape) != tuple(A.shape) or tuple(t.B.shape) != tuple(B.shape):
-                raise ValueError(f"{path}: expert {e!r} at {n} has factors {tuple(A.shape)}, {tuple(B.shape)}; this model's "
-                                 f"layer takes {tuple(t.A.shape)}, {tuple(t.B.shape)}: it was saved on another base model")
-            with torch.no_grad(): t.A.copy_(A); t.B.copy_(B)
-            experts[e][n] = t
-    _attach(model, experts, hp, seed)
+    hp, drops = check_xlora(cfg['hp'], len(cfg['experts'])), cfg.get('dropout', {})      # folders before dropout: none
+    factors = {e: {n: (A := state[f'{e}/{n}.A'], state[f'{e}/{n}.B'],
+                       dict(r=A.shape[0], alpha=s * A.shape[0], dropout=drops.get(e, {}).get(n, 0.0)))
+                   for n, s in cfg['scales'][e].items()} for e in cfg['experts']}
+    _attach(model, _lora_experts(model, factors, path), hp, seed)
     try:
         model.xlora.classifier.load_state_dict({k[len('classifier.'):]: v for k, v in state.items() if k.startswith('classifier.')})
         head = {k[len('head/'):]: v for k, v in state.items() if k.startswith('head/')}
