@@ -269,7 +269,19 @@ class RandLoRA(Shared):
         dt = work_dtype(self.lam)
         return (self.lam.to(dt).T[:, :, None] * self.A.to(dt) * self.gamma.to(dt)[:, None, :]).flatten(0, 1)
 
+    def folds(self, x) -> bool:
+        r"""Whether $x(W + \Delta W)^\top + b$ as one GEMM costs less than the thin path over x's T tokens: its extra is
+        $2nmNr$ (building $\Delta W$, and the gradient of $Z$ from that of the weight) and $Tnm$ (the weight's gradient),
+        the thin path's $TNr\,(2(n + m) + \min(n, m))$ (two products forward, three backward). Few tokens keep the thin path."""
+        T, Nr, n, m = x.numel() // self.n, self.lam.numel(), self.n, self.m
+        return T * n * m + 2 * n * m * Nr < T * Nr * (2 * (n + m) + min(n, m))
+
     def forward_tuned(self, x):
+        if self.folds(x): return F.linear(x, *self.tuned())             # W + Delta W built once, one GEMM (autograd)
+        return self.thin(x)
+
+    def thin(self, x):
+        "$xW^\top + b + s\,x(BZ)^\top$ by two thin products, $Z = [\Lambda_jA\Gamma_j]_j$ ($Nr \times$ short side)."
         y = self.base(x)
         Z = self.scaled()
         B, h = self.B.to(Z.dtype), x.to(Z.dtype)
