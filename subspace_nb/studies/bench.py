@@ -4,7 +4,7 @@
 
 # %% ../../nbs/60_benchmarks.ipynb #c002
 from __future__ import annotations
-import os, sys, re, gc, json, copy, time, platform, statistics, subprocess, argparse, importlib, warnings
+import os, sys, re, gc, json, copy, time, platform, statistics, subprocess, argparse, importlib, warnings, tempfile
 from pathlib import Path
 import torch
 from torch import nn
@@ -13,15 +13,16 @@ from ..core import *
 from ..core import _short
 from ..inject import apply_tuning, tuners, default_trainable, regularizer, hparams, merge, mark_driven
 from ..models import load_minilm, tiny_model
-from ..peft_adapters import PEFT_TABLE, peft_tensors, peft_config as peft_file_config
+from ..peft_adapters import PEFT_TABLE, peft_tensors, peft_config as peft_file_config, save_peft_adapter
 
 # %% auto #0
-__all__ = ['PEFT_TWINS', 'BENCH_HP', 'TARGETS', 'REFERENCES', 'PARTS', 'RUNNERS', 'machine', 'load_results', 'bench_model',
-           'token_batch', 'frozen_limit', 'BlockDiagCPU', 'peft_boft_without_cuda', 'peft_cannot', 'paired_methods',
-           'method_hp', 'peft_config', 'twin_values', 'peft_twin', 'trainable', 'build', 'trainer', 'interleave',
-           'ratio', 'compare', 'step_table', 'show_steps', 'memory_child', 'peak_memory', 'memory_table', 'show_memory',
-           'perturb_', 'inference_table', 'show_inference', 'show_cuda_memory', 'accelerator_tables', 'target_rows',
-           'show_targets', 'merge_results', 'save_results', 'bench_part', 'bench_sizes', 'run_benchmarks', 'main']
+__all__ = ['PEFT_TWINS', 'BENCH_HP', 'MIXTURES', 'TARGETS', 'REFERENCES', 'PARTS', 'RUNNERS', 'machine', 'load_results',
+           'bench_model', 'token_batch', 'frozen_limit', 'BlockDiagCPU', 'peft_boft_without_cuda', 'peft_cannot',
+           'paired_methods', 'method_hp', 'peft_config', 'twin_values', 'peft_twin', 'trainable', 'build', 'trainer',
+           'interleave', 'ratio', 'compare', 'step_table', 'show_steps', 'memory_child', 'peak_memory', 'memory_table',
+           'show_memory', 'perturb_', 'inference_table', 'show_inference', 'xlora_bench', 'peft_xlora_twin',
+           'mixture_table', 'show_mixture', 'show_cuda_memory', 'accelerator_tables', 'target_rows', 'show_targets',
+           'merge_results', 'save_results', 'bench_part', 'bench_sizes', 'run_benchmarks', 'main']
 
 # %% ../../nbs/60_benchmarks.ipynb #c005
 def machine() -> dict:
@@ -50,7 +51,7 @@ def load_results(name: str, folder='bench_results'):
 
 # %% ../../nbs/60_benchmarks.ipynb #c008
 def bench_model(name: str = 'minilm', dtype=torch.float32, device='cpu') -> nn.Module:
-    "A sequence classifier by name: 'minilm' (the embedded MiniLM), 'tiny' (tiny BERT), 'bert-<h>' (4 layers of width h)."
+    "A model by name: sequence classifiers 'minilm' (the embedded MiniLM), 'tiny' (tiny BERT), 'bert-<h>' (4 layers of width h); 'llama-<h>', a causal LM (6 layers of width h, MiniLM's depth, no cache)."
     if name == 'minilm': m = load_minilm(dtype=dtype)[0]
     elif name == 'tiny': m = tiny_model('bert', dtype=dtype)
     elif re.fullmatch(r'bert-\d+', name):
@@ -63,16 +64,26 @@ def bench_model(name: str = 'minilm', dtype=torch.float32, device='cpu') -> nn.M
             torch.manual_seed(0)
             m = transformers.AutoModelForSequenceClassification.from_config(cfg)
         m = m.to(dtype)
-    else: raise ValueError(f"name={name!r}: expected 'minilm', 'tiny' or 'bert-<hidden size>'")
+    elif re.fullmatch(r'llama-\d+', name):
+        h = int(name[6:])
+        if h % 32: raise ValueError(f"name={name!r}: the width must be a multiple of 32 (heads of 32)")
+        cfg = transformers.LlamaConfig(hidden_size=h, num_hidden_layers=6, num_attention_heads=h // 32,
+                                       num_key_value_heads=h // 32, intermediate_size=4 * h, vocab_size=1000,
+                                       max_position_embeddings=600, use_cache=False)     # PEFT's X-LoRA refuses a cache
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m = transformers.AutoModelForCausalLM.from_config(cfg)
+        m = m.to(dtype)
+    else: raise ValueError(f"name={name!r}: expected 'minilm', 'tiny', 'bert-<hidden size>' or 'llama-<hidden size>'")
     return m.to(device)
 
 def token_batch(model: nn.Module, b: int, s: int, seed: int = 0, device='cpu') -> dict:
-    "`b` random sequences of `s` tokens (no padding) with random labels, for a training step of `model`."
+    "`b` random sequences of `s` tokens (no padding) with random labels (a causal LM: the tokens), for a training step of `model`."
     g = torch.Generator().manual_seed(seed)
     v = model.config.vocab_size
     ids = torch.randint(min(5, v - 1), v, (b, s), generator=g)
-    return dict(input_ids=ids.to(device), attention_mask=torch.ones(b, s, dtype=torch.long, device=device),
-                labels=torch.randint(0, model.config.num_labels, (b,), generator=g).to(device))
+    y = ids if model.can_generate() else torch.randint(0, model.config.num_labels, (b,), generator=g)
+    return dict(input_ids=ids.to(device), attention_mask=torch.ones(b, s, dtype=torch.long, device=device), labels=y.to(device))
 
 # %% ../../nbs/60_benchmarks.ipynb #c011
 def frozen_limit(model: nn.Module) -> nn.Module:
@@ -231,27 +242,30 @@ def trainable(m: nn.Module) -> int:
     "Number of trainable parameters."
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
+MIXTURES: dict = {}      # a pair that is no registered method: name -> (ours on a model, PEFT's twin of ours on a model)
+
 def build(kind: str, name: str = '', model='minilm', r: int = 8, dtype=torch.float32, device='cpu', like=None) -> nn.Module:
-    "One benchmark entry in train mode: 'plain', 'limit', 'full', 'ours' or 'peft' (PEFT's twin of `like`, or of ours)."
+    "One benchmark entry in train mode: 'plain', 'limit', 'full', 'ours' or 'peft' (PEFT's twin of `like`, or of ours); `name` a method or one of `MIXTURES`."
     m = bench_model(model, dtype, device)
     if kind == 'limit': frozen_limit(m)
     elif kind == 'full': apply_tuning(m, 'full')
+    elif kind == 'ours' and name in MIXTURES: m = MIXTURES[name][0](m, r)
     elif kind == 'ours': mark_driven(apply_tuning(m, name, **method_hp(name, r, m)))   # timing, not training: no protocol warning
     elif kind == 'peft':
-        m = peft_twin(like if like is not None else build('ours', name, model, r, dtype, device), m)
+        like = like if like is not None else build('ours', name, model, r, dtype, device)
+        m = MIXTURES[name][1](like, m) if name in MIXTURES else peft_twin(like, m)
     elif kind != 'plain': raise ValueError(f"kind={kind!r}: expected 'plain', 'limit', 'full', 'ours' or 'peft'")
     return m.train()
 
 # %% ../../nbs/60_benchmarks.ipynb #c019
 def trainer(m: nn.Module, lr: float = 1e-5):
-    "A function `step(batch)`: forward, the method's regulariser, backward, AdamW step on the trainable parameters."
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
-    tuned = getattr(m, 'subspace', None) is not None
+    "A function `step(batch)`: forward, the method's regulariser, backward, AdamW step on the trainable parameters (if any)."
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr) if params else None     # a causal LM's limit trains nothing, yet back-propagates
     def step(x):
         loss = m(**x).loss                                   # a tuned model's loss carries its regulariser
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
     return step
 
 def _sync(device):
@@ -371,7 +385,7 @@ def memory_child(spec: str):
     torch.set_num_threads(sp['threads'])
     import peft                                   # every child loads the same libraries, whichever side it measures
     dt = getattr(torch, sp['dtype'])
-    if sp['kind'] == 'peft':                      # the twin's config and numbers come from our tuned model, gone before PEFT's is built
+    if sp['kind'] == 'peft' and sp['name'] not in MIXTURES:   # the twin's config and numbers from our tuned model, gone before PEFT's is built
         ours = build('ours', sp['name'], sp['model'], sp['r'], dt)
         cfg, values = peft_config(ours), twin_values(ours)
         del ours; gc.collect()
@@ -500,6 +514,37 @@ def show_inference(res: dict) -> str:
                      f"{d['logits']:.1e}, {d['hidden']:.1e} | {d['moved']:.2f} |")
     return '\n'.join(lines)
 
+# %% ../../nbs/60_benchmarks.ipynb #c041
+def xlora_bench(m: nn.Module, r: int = 8, experts: int = 2) -> nn.Module:
+    "Our X-LoRA at its (PEFT's) default settings over `experts` LoRA tunings of `m` of rank `r`, their B drawn off zero."
+    from subspace_nb.named import add_tuning
+    from subspace_nb.catalogue.representation import apply_xlora
+    g = torch.Generator().manual_seed(0)
+    for i in range(experts):
+        add_tuning(m, f'e{i}', 'lora', r=r, seed=i)
+        with torch.no_grad():
+            for t in tuners(m).values(): t.B.normal_(0, 0.01, generator=g)
+    return apply_xlora(m, [f'e{i}' for i in range(experts)])
+
+def peft_xlora_twin(ours: nn.Module, model: nn.Module) -> nn.Module:
+    "PEFT's X-LoRA on `model` with the experts and classifier of `ours`: written by `save_peft_adapter`, read by `PeftModel.from_pretrained`."
+    from peft import PeftModel
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        save_peft_adapter(ours, d)
+        ads = {str(i): f'{d}/{i}' for i in range(len(ours.xlora.experts))}
+        return PeftModel.from_pretrained(model, d, adapters=ads, is_trainable=True)
+
+MIXTURES['xlora'] = (xlora_bench, peft_xlora_twin)
+
+def mixture_table(seqs=(64, 128), batch: int = 32, r: int = 8, model: str = 'llama-384', rounds: int = 10) -> dict:
+    "The training step (`step_table`) and peak memory (`memory_table`) of each of `MIXTURES` beside PEFT's, on a LLaMA body."
+    kw = dict(methods=list(MIXTURES), extra=(), seqs=seqs, batch=batch, r=r, model=model)
+    return dict(steps=step_table(rounds=rounds, **kw), memory=memory_table(**kw))
+
+def show_mixture(res: dict) -> str: return show_steps(res['steps']) + '\n\n' + show_memory(res['memory'])
+
+
 # %% ../../nbs/60_benchmarks.ipynb #c051
 def show_cuda_memory(res: dict) -> str:
     "Markdown table of the CUDA peak memory that `step_table` records on a GPU: ours/PEFT and entry/limit."
@@ -599,7 +644,7 @@ def save_results(name: str, res, folder='bench_results', merge: list | None = No
     f.write_text(json.dumps(_compact(dict(machine=where, result=res)), indent=1))
     return f
 
-PARTS = ('steps', 'memory', 'inference', 'svd', 'svd8192', 'sweeps', 'prototypes', 'profile')   # reading order: 60, 61, 62
+PARTS = ('steps', 'memory', 'inference', 'mixture', 'svd', 'svd8192', 'sweeps', 'prototypes', 'profile')   # reading order: 60, 61, 62
 RUNNERS: dict = {}          # part name -> runner(at) -> (result, markdown), or None where the part has no size `at`
 
 def bench_part(name: str):
@@ -629,6 +674,11 @@ def _steps(at):
 def _memory(at):
     r = memory_table(seqs=at['seqs'], batch=at['batch'], model=at['model'], **_chosen(at))
     return r, show_memory(r)
+
+@bench_part('mixture')
+def _mixture(at):
+    r = mixture_table(at['seqs'], at['batch'], model='llama-64' if at['quick'] else 'llama-384', rounds=at['rounds'])
+    return r, show_mixture(r)
 
 @bench_part('inference')
 def _inference(at):
