@@ -9,6 +9,7 @@ from torch import nn
 import torch.nn.functional as F
 from ..core import *
 from ..reconstruction.mode3 import FishMask
+from ..extension.lora import one_gemm, one_gemm_ok
 
 # %% auto #0
 __all__ = ['NORM_NAMES', 'SHIRA_MASKS', 'is_norm', 'norm_params', 'LNTuning', 'SHiRA', 'MiSS']
@@ -135,6 +136,9 @@ class MiSS(Tuner):
                              "or None for a D as wide as m")
         self.r, self.mini_r = r, w
         self.D = self.new(r, w)                                   # D, (r, m'): 0, the layer starts unchanged
+        comb = torch.arange(self.n, device=self.D.device) % r
+        self.register_buffer('S', (comb == torch.arange(r, device=comb.device)[:, None]).to(self.D.dtype),
+                             persistent=False)                    # S^T, (r, n): the fixed down-projection, never saved
 
     def full_D(self) -> torch.Tensor:
         "D tiled across the m outputs, (r, m), in `work_dtype` (float32 also after a cast to bfloat16)."
@@ -142,7 +146,9 @@ class MiSS(Tuner):
         return D if self.mini_r == self.m else D.repeat(1, self.m // self.mini_r)
 
     def forward_tuned(self, x):
-        y, D = self.base(x), self.full_D()
+        D = self.full_D()
+        if one_gemm_ok(self, x, D, self.S): return one_gemm(x, self.W, self.b, self.S, D.T)   # x (W + (S D)^T)^T + b
+        y = self.base(x)
         x, pad = x.to(D.dtype), -self.n % self.r
         xs = (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, self.r)).sum(-2)   # x S, (..., r): shards summed
         return y + (xs @ D).to(y.dtype)
