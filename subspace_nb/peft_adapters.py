@@ -863,8 +863,9 @@ def load_xlora_peft(model: nn.Module, path, adapters: dict | None = None, seed: 
     for k, f in folders.items():
         try: plan = _plan(model, *read_peft_adapter(f), str(f))
         except (ValueError, FileNotFoundError) as e:
-            hint = ("; PEFT 0.21's save_pretrained writes its experts' subfolders incompletely (see above): pass "
-                    "adapters={key: folder} with the experts' own folders" if adapters is None else '')
+            hint = ("; PEFT 0.21's save_pretrained writes an X-LoRA's expert subfolders incompletely (it keeps the tensors "
+                    "whose names hold the expert's index): pass adapters={key: folder} with the experts' own folders"
+                    if adapters is None else '')
             raise ValueError(f"X-LoRA expert {k!r}: {e}{hint}") from None
         if plan['method'] != 'lora' or plan['head']:
             raise ValueError(f"{f}: X-LoRA mixes plain LoRA experts without saved modules; this one is a {plan['method']!r} "
