@@ -283,8 +283,8 @@ class Tuner(nn.Module):
     def extra_repr(self): return f"n={self.n}, m={self.m}" + (", merged" if self.merged else "")
 
 def _base_names_out(tuner, state, prefix, meta):
-    "state_dict hook: the wrapped layer's tensors under the layer's own names (the original W even when merged)."
-    saved = getattr(tuner, '_saved', None) if tuner.merged else None
+    "state_dict hook of a module wrapping a layer as `base`: the layer's tensors under its own names (the original W even when merged)."
+    saved = getattr(tuner, '_saved', None) if getattr(tuner, 'merged', False) else None
     for k in [k for k in state if k.startswith(prefix + 'base.')]:
         v = state.pop(k)
         name = k[len(prefix) + 5:]
@@ -295,8 +295,8 @@ def _base_names_out(tuner, state, prefix, meta):
 
 def _base_names_in(tuner, state, prefix, meta, strict, missing, unexpected, errors):
     "load_state_dict pre-hook: the layer's own names back to `base.*`; a merged tuner is unmerged first."
-    tuner._remerge = tuner.merged
-    tuner.unmerge()
+    tuner._remerge = getattr(tuner, 'merged', False)
+    if tuner._remerge: tuner.unmerge()
     own = {n for n, _ in tuner.base.named_parameters()} | {n for n, _ in tuner.base.named_buffers()}
     for n in own:
         if prefix + n in state: state[prefix + 'base.' + n] = state.pop(prefix + n)

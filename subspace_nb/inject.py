@@ -13,12 +13,12 @@ from .core import *
 from .core import _short
 
 # %% auto #0
-__all__ = ['HOOKS', 'WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'check_hparams', 'ProtocolWarning',
-           'protocol_hooks', 'regularizer', 'reg_share', 'tuners', 'default_trainable', 'layer_shapes', 'apply_tuning',
-           'added_params', 'report', 'show_report', 'shared_weights', 'merge', 'unmerge', 'remove_tuning',
-           'disable_tuning', 'tuning_state', 'base_record', 'save_tuning', 'check_config', 'read_tuning', 'load_tuning',
-           'read_checkpoint', 'from_pretrained', 'param_groups', 'methods_of', 'mark_driven', 'regularize_loss',
-           'prepare', 'step_end', 'finish', 'FullFT']
+__all__ = ['HOOKS', 'WEIGHTS', 'CONFIG', 'FORMAT', 'SCHEMA', 'OPTIONAL', 'FIELDS', 'CHECKPOINT_READERS', 'check_hparams',
+           'ProtocolWarning', 'protocol_hooks', 'regularizer', 'reg_share', 'tuners', 'default_trainable',
+           'layer_shapes', 'apply_tuning', 'added_params', 'report', 'show_report', 'shared_weights', 'merge',
+           'unmerge', 'remove_tuning', 'disable_tuning', 'tuning_state', 'base_record', 'save_tuning', 'check_config',
+           'read_tuning', 'load_tuning', 'read_checkpoint', 'from_pretrained', 'param_groups', 'methods_of',
+           'mark_driven', 'regularize_loss', 'prepare', 'step_end', 'finish', 'FullFT']
 
 # %% ../nbs/01_inject.ipynb #c005
 def check_hparams(cls, hp: dict):
@@ -511,6 +511,8 @@ def _from_tuning_folder(path: Path, model_class=None, **kwargs) -> nn.Module:
     with quiet_transformers(): model = cls.from_pretrained(name, config=config, **kwargs)
     return load_tuning(model, path)
 
+CHECKPOINT_READERS: dict = {}   # config.json entry 'subspace_<kind>' -> reader(plain model, the entry, tensors, where): a tuned model
+
 def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
     "A tuned model from a folder: saved by any Hugging Face save path (base, head and tuning), or by `save_tuning` (its recorded base + the tuning)."
     import transformers
@@ -527,17 +529,28 @@ def from_pretrained(path, model_class=None, **kwargs) -> nn.Module:
                                 "Trainer.save_model or save_tuning, or a model id on the Hugging Face hub)")
     config = transformers.AutoConfig.from_pretrained(path)
     cfg = getattr(config, 'subspace', None)
-    if cfg is None:
+    kinds = sorted(k for k in vars(config) if k.startswith('subspace_'))   # a tuning of the model, not of its layers
+    if cfg is None and not kinds:
         raise ValueError(f"{path}: its config.json records no tuning (no 'subspace' entry); it is a plain model, "
                          "load it with transformers' from_pretrained")
-    check_config(cfg, f"{Path(path) / 'config.json'} 'subspace'")
-    check_hparams(get_method(cfg['method']), cfg['hp'])
+    if kinds:
+        if any(k not in CHECKPOINT_READERS for k in kinds): load_all()     # the module that reads an entry registers it
+        said = kinds + (['subspace'] if cfg is not None else [])
+        if len(said) > 1 or kinds[0] not in CHECKPOINT_READERS:
+            raise ValueError(f"{path}: config.json records {said}; from_pretrained reads exactly one of 'subspace', "
+                             f"{', '.join(map(repr, CHECKPOINT_READERS))}")
+    else:
+        check_config(cfg, f"{Path(path) / 'config.json'} 'subspace'")
+        check_hparams(get_method(cfg['method']), cfg['hp'])
     if model_class is None:
         arch = (getattr(config, 'architectures', None) or [None])[0]
         model_class = getattr(transformers, arch or '', None)
         if model_class is None:
             raise ValueError(f"{path}: config.json names no model class transformers knows ({arch!r}); pass model_class=")
     with quiet_transformers(): model = model_class.from_pretrained(path, config=config, **kwargs)
+    if kinds:                                                         # e.g. X-LoRA (74): the plain model, then its reader
+        rec = getattr(model.config, kinds[0]); delattr(model.config, kinds[0])
+        return CHECKPOINT_READERS[kinds[0]](model, rec, read_checkpoint(path), str(path))
     del model.config.subspace
     plain = set(model.state_dict())
     apply_tuning(model, cfg['method'], targets=cfg['targets'], trainable=cfg['trainable'], seed=cfg['seed'], **cfg['hp'])

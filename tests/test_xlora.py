@@ -314,3 +314,34 @@ def test_peft_files_refusals(tmp_path):
         plain = tiny_lm('gpt2')
         with pytest.raises(ValueError, match=msg): load_peft_adapter(plain, tmp_path / 'g')
         assert not hasattr(plain, 'xlora') and not tuners(plain)
+
+
+# ---- the Hugging Face save paths ------------------------------------------------------------------------------------
+@pytest.mark.parametrize('arch', ['bert', 'llama'])
+def test_save_pretrained_keeps_the_contract(tmp_path, arch):
+    "save_pretrained: a plain from_pretrained gives the base and head exactly; subspace_nb.from_pretrained the X-LoRA model."
+    import transformers, json
+    from subspace_nb.inject import from_pretrained
+    from subspace_nb.models import quiet_transformers
+    make = (lambda: tiny_model('bert')) if arch == 'bert' else (lambda: tiny_lm('llama'))
+    x = tiny_batch() if arch == 'bert' else dict(input_ids=IDS)
+    m = two_experts(make())
+    apply_xlora(m, ['a', 'b'], depth=2, size=8, top_k=1).eval()
+    with torch.no_grad():
+        m.xlora.classifier[0].weight.mul_(30)
+        if arch == 'bert': m.classifier.weight.add_(0.5)             # a trained head, saved under its own name
+        y = m(**x).logits
+    plain_ref = make().eval()
+    if arch == 'bert':
+        with torch.no_grad(): plain_ref.classifier.weight.copy_(m.classifier.weight)
+    with quiet_transformers(): m.save_pretrained(tmp_path)
+    assert 'subspace_xlora' in json.loads((tmp_path / 'config.json').read_text())
+    cls = type(m)
+    with quiet_transformers(): plain = cls.from_pretrained(tmp_path).eval()
+    with torch.no_grad(): assert torch.equal(plain(**x).logits, plain_ref(**x).logits)   # no layer re-initialised
+    back = from_pretrained(tmp_path).eval()
+    assert back.xlora.experts == ['a', 'b'] and back.xlora.hp['top_k'] == 1
+    with torch.no_grad(): torch.testing.assert_close(back(**x).logits, y, rtol=1e-6, atol=1e-6)
+    m.load_state_dict(back.state_dict())                          # a Trainer resuming: the same names back in
+    remove_xlora(back)
+    assert not hasattr(back.config, 'subspace_xlora')

@@ -16,12 +16,14 @@ from ..extension.adapters import blocks
 from ..extension.lora import LoRA
 from ..inject import tuners, _set_module
 from ..named import tuning_names, load_named, delete_tuning, _registry, _adopt, _as_active, _set_aside
-from ..inject import default_trainable
+from ..inject import default_trainable, CHECKPOINT_READERS
+from ..core import _base_names_out, _base_names_in
 
 # %% auto #0
 __all__ = ['XLORA_HP', 'XLORA_CONFIG', 'XLORA_WEIGHTS', 'orthonormal_rows', 'Intervention', 'hidden_width', 'parse_positions',
            'intervened', 'Interventions', 'LoReFT', 'route', 'mixture_path', 'Mixture', 'check_xlora', 'xlora_params',
-           'classifier', 'XLoRA', 'apply_xlora', 'remove_xlora', 'disable_xlora', 'save_xlora', 'load_xlora']
+           'classifier', 'XLoRA', 'apply_xlora', 'remove_xlora', 'disable_xlora', 'save_xlora', 'load_xlora',
+           'xlora_from_state']
 
 # %% ../../nbs/74_representation.ipynb #c007
 def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
@@ -229,6 +231,8 @@ class Mixture(nn.Module):
         self.register_buffer('s', torch.tensor([t.s for t in experts.values() for _ in range(t.r)]), persistent=False)
         self.drop = nn.ModuleList([t.drop for t in experts.values()])      # each expert's LoRA dropout (Identity when none)
         self.dropping = any(isinstance(d, nn.Dropout) for d in self.drop)
+        self.register_state_dict_post_hook(_base_names_out)        # checkpoints keep the layer's own names, as tuners do
+        self.register_load_state_dict_pre_hook(_base_names_in)
 
     def forward(self, x):
         y, xl = self.base(x), self._owner[0]
@@ -399,6 +403,10 @@ def _attach(model, experts: dict, hp: dict, seed: int, named=None) -> nn.Module:
         _set_module(model, n, mx)
         for p in (*mx.A, *mx.B): p.requires_grad_(hp['train_experts'])
     model.add_module('xlora', xl)
+    if getattr(model, 'config', None) is not None:               # written into config.json by every Hugging Face save path
+        model.config.subspace_xlora = dict(experts=xl.experts, hp=xl.hp, seed=seed, layers={
+            n: [[j, t.r, t.alpha, _p(t)] for j, t in zip(mx.col.unique_consecutive().tolist(), mx.tuners)]
+            for n, mx in mixed.items()})
     xl.classifier.requires_grad_(True)
     for h in xl.heads: model.get_submodule(h).requires_grad_(True)
     model.register_forward_pre_hook(xl.before_model, with_kwargs=True)
@@ -422,6 +430,7 @@ def remove_xlora(model: nn.Module) -> nn.Module:
     xl = _xl(model)
     for n in xl.layers: _set_module(model, n, model.get_submodule(n).base)
     remove_module(model, 'xlora')
+    if hasattr(getattr(model, 'config', None), 'subspace_xlora'): del model.config.subspace_xlora
     for n, p in model.named_parameters(): p.requires_grad_(xl.flags.get(n, True))
     if xl.named is not None: model.__dict__['_subspace_named'] = xl.named
     return model
@@ -496,4 +505,22 @@ def load_xlora(model: nn.Module, path, seed: int = 0) -> nn.Module:
     except BaseException:
         remove_xlora(model); raise
     return model
+
+def xlora_from_state(model: nn.Module, rec: dict, state: dict, where) -> nn.Module:
+    "X-LoRA on the plain `model` from a Hugging Face save path: `rec` its `config.subspace_xlora`, `state` the checkpoint's tensors (read by `from_pretrained`)."
+    hp, factors, lost = check_xlora(rec['hp'], len(rec['experts'])), {e: {} for e in rec['experts']}, []
+    for n, cols in rec['layers'].items():
+        for k, (j, r, alpha, p) in enumerate(cols):                 # the k-th expert of layer n is expert j
+            A, B = state.get(f'{n}.A.{k}'), state.get(f'{n}.B.{k}')
+            if A is None or B is None: lost.append(f'{n}.A.{k}'); continue
+            factors[rec['experts'][j]][n] = (A, B, dict(r=r, alpha=alpha, dropout=p))
+    if lost: raise ValueError(f"{where}: the checkpoint lacks X-LoRA's expert factors {_short(lost, 3)}")
+    _attach(model, _lora_experts(model, factors, where), hp, rec.get('seed', 0))
+    try: model.xlora.classifier.load_state_dict({k[len('xlora.classifier.'):]: v for k, v in state.items()
+                                                  if k.startswith('xlora.classifier.')})
+    except RuntimeError as e:
+        remove_xlora(model); raise ValueError(f"{where}: X-LoRA's classifier does not load ({e})") from None
+    return model
+
+CHECKPOINT_READERS['subspace_xlora'] = xlora_from_state
 
