@@ -803,12 +803,12 @@ def xlora_peft_files(model: nn.Module, path=None) -> tuple[dict, dict, list]:
     if xl.heads:
         raise ValueError(f"PEFT's X-LoRA folder carries no task head (XLoraConfig has no modules_to_save), and this model's "
                          f"{xl.heads} train with the mixture: save_xlora(model, path) keeps them")
-    task = 'CAUSAL_LM' if getattr(model, 'can_generate', lambda: False)() else None
+    info = dict(task_type='CAUSAL_LM' if getattr(model, 'can_generate', lambda: False)() else None, inference_mode=True,
+                base_model_name_or_path=None)                           # the top folder's and every expert's
     keys = [str(i) for i in range(len(xl.experts))]                      # PEFT activates experts by their index
     conf = dict(peft_type='XLORA', hidden_size=xl.classifier[0].in_features,
                 adapters={k: str(Path(path) / k) if path is not None else k for k in keys},
-                **{f: xl.hp[k] for k, f in XLORA_PEFT.items()}, task_type=task, inference_mode=True,
-                base_model_name_or_path=None)
+                **{f: xl.hp[k] for k, f in XLORA_PEFT.items()}, **info)
     out = {XLORA_PEFT_CLASSIFIER + k: v for k, v in xl.classifier.state_dict().items()}
     experts = []
     for e, ts in _expert_tuners(model, xl).items():
@@ -817,7 +817,7 @@ def xlora_peft_files(model: nn.Module, path=None) -> tuple[dict, dict, list]:
         t0 = next(iter(ts.values()))
         c, o = _peft_lora(model, ts, 'lora', dict(r=t0.r, alpha=t0.alpha, dropout=drops.pop()))
         c.update(target_modules=list(ts), fan_in_fan_out=all(is_conv1d(t.base) for t in ts.values()), modules_to_save=None,
-                 task_type=task, inference_mode=True, base_model_name_or_path=None)
+                 **info)
         experts.append((c, o))
     return conf, out, experts
 
@@ -841,13 +841,11 @@ def _classifier_state(state: dict, xl, where: str) -> dict:
 
 def load_xlora_peft(model: nn.Module, path, adapters: dict | None = None, seed: int = 0) -> nn.Module:
     "X-LoRA from PEFT's folder `path` on a plain `model`: the experts from `adapters` (key -> folder, as PEFT's from_pretrained takes them) or the subfolders `path/0`, `path/1`, .... All or nothing."
-    from subspace_nb.catalogue.representation import (check_xlora, _attach, _lora_experts, remove_xlora, hidden_width,
-                                                      blocks, LoRA)
+    from subspace_nb.catalogue.representation import check_xlora, _need_plain, _rebuild, hidden_width, blocks, LoRA
     path = Path(path)
     cfg, state = read_peft_adapter(path)
     where = f"{path}/{PEFT_CONFIG}"
-    if hasattr(model, 'xlora') or tuners(model) or getattr(model, 'subspace', None):
-        raise ValueError("an X-LoRA loads into a plain model (no X-LoRA, no tuning): remove it first")
+    _need_plain(model, where)
     known = {'peft_type', 'hidden_size', 'adapters', *XLORA_PEFT.values(), *PEFT_INFO}
     odd = [f"{k}={v!r}" for k, v in cfg.items() if k not in known and not _empty(v)]
     if odd: raise ValueError(f"{where}: {', '.join(odd)} not read: an X-LoRA config has {sorted(known)}")
@@ -874,10 +872,6 @@ def load_xlora_peft(model: nn.Module, path, adapters: dict | None = None, seed: 
     d = hidden_width(list(blocks(model).values())[-1]) if blocks(model) else None
     if cfg.get('hidden_size') != d:
         raise ValueError(f"{where}: hidden_size={cfg.get('hidden_size')!r}, but this model's last hidden state has width {d}")
-    _attach(model, _lora_experts(model, factors, path), hp, seed)
-    try:
-        with torch.no_grad(): model.xlora.classifier.load_state_dict(_classifier_state(state, model.xlora, f"{path}/{PEFT_WEIGHTS}"))
-    except BaseException:
-        remove_xlora(model); raise
-    return model
+    return _rebuild(model, factors, hp, seed, path, lambda m: m.xlora.classifier.load_state_dict(
+        _classifier_state(state, m.xlora, f"{path}/{PEFT_WEIGHTS}")))
 

@@ -1,6 +1,6 @@
 """X-LoRA (a function, not a registered method) against the matrix's contract: gradients only in the classifier, the
 parameter count, one expert = that expert, disable, save/load, remove, all-or-nothing, and generation with the cache."""
-import tempfile
+import json, pathlib, tempfile
 import pytest, torch
 from subspace_nb.catalogue.representation import (apply_xlora, remove_xlora, disable_xlora, save_xlora, load_xlora,
                                                   xlora_params)
@@ -248,7 +248,6 @@ def _ours_from(peft_experts, drop=0.0, **hp):
 @pytest.mark.parametrize('setting', range(len(SETTINGS)))
 def test_peft_loads_ours(peft_experts, tmp_path, setting):
     "save_peft_adapter's folder: PEFT's from_pretrained gives our logits, our load_peft_adapter the same model again."
-    import json
     from subspace_nb.peft_adapters import save_peft_adapter, load_peft_adapter
     theirs, ours = SETTINGS[setting]
     m = _ours_from(peft_experts, drop=0.1, **ours)
@@ -267,6 +266,10 @@ def test_peft_loads_ours(peft_experts, tmp_path, setting):
     assert [t.drop.p for t in again.get_submodule('model.layers.0.self_attn.q_proj').tuners[:1]] == [0.1]
 
 
+def json_of(folder):
+    return json.loads((pathlib.Path(folder) / 'adapter_config.json').read_text())
+
+
 def test_expert_dropout_as_peft(peft_experts, tmp_path):
     "In training, each expert's LoRA dropout acts as in PEFT: with the same random state, the same logits."
     import warnings, shutil
@@ -275,7 +278,7 @@ def test_expert_dropout_as_peft(peft_experts, tmp_path):
     for i, (r, targets) in enumerate(EXPERTS):              # the fixture's experts with lora_dropout 0.3 on the first
         cfg = json_of(peft_experts[str(i)])
         shutil.copytree(peft_experts[str(i)], tmp_path / str(i))
-        if i == 0: cfg['lora_dropout'] = 0.3; (tmp_path / '0' / 'adapter_config.json').write_text(__import__('json').dumps(cfg))
+        if i == 0: cfg['lora_dropout'] = 0.3; (tmp_path / '0' / 'adapter_config.json').write_text(json.dumps(cfg))
         paths[str(i)] = str(tmp_path / str(i))
     px = _peft_xlora(paths, xlora_depth=1, scaling_pass_value=0.2).train()
     m = _ours_from(peft_experts, drop=0.3, depth=1, scaling_pass_value=0.2)
@@ -288,11 +291,6 @@ def test_expert_dropout_as_peft(peft_experts, tmp_path):
             torch.testing.assert_close(y, yp, rtol=1e-5, atol=1e-5)
         m.eval(); ye = m(input_ids=IDS).logits
     assert (y - ye).abs().max() > 1e-3                       # the dropout acted
-
-
-def json_of(folder):
-    import json, pathlib
-    return json.loads((pathlib.Path(folder) / 'adapter_config.json').read_text())
 
 
 def test_peft_files_refusals(tmp_path):
@@ -310,7 +308,7 @@ def test_peft_files_refusals(tmp_path):
     cfg = json_of(tmp_path / 'g')
     for change, msg in [(dict(top_k_lora=5), 'top_k=5'), (dict(hidden_size=64), 'hidden_size=64'),
                         (dict(xlora_depth=3), 'do not describe'), (dict(layerwise_scalings=True), 'does not fit'), (dict(layer_replication=[[0, 1]]), 'layer_replication')]:
-        (tmp_path / 'g' / 'adapter_config.json').write_text(__import__('json').dumps(cfg | change))
+        (tmp_path / 'g' / 'adapter_config.json').write_text(json.dumps(cfg | change))
         plain = tiny_lm('gpt2')
         with pytest.raises(ValueError, match=msg): load_peft_adapter(plain, tmp_path / 'g')
         assert not hasattr(plain, 'xlora') and not tuners(plain)
@@ -320,7 +318,6 @@ def test_peft_files_refusals(tmp_path):
 @pytest.mark.parametrize('arch', ['bert', 'llama'])
 def test_save_pretrained_keeps_the_contract(tmp_path, arch):
     "save_pretrained: a plain from_pretrained gives the base and head exactly; subspace_nb.from_pretrained the X-LoRA model."
-    import transformers, json
     from subspace_nb.inject import from_pretrained
     from subspace_nb.models import quiet_transformers
     make = (lambda: tiny_model('bert')) if arch == 'bert' else (lambda: tiny_lm('llama'))

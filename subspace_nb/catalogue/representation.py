@@ -471,6 +471,21 @@ def _lora_experts(model, factors: dict, where) -> dict:
             experts[e][n] = t
     return experts
 
+def _need_plain(model, where):
+    "Refuse a model that has an X-LoRA or a tuning already: an X-LoRA loads into the plain model."
+    if hasattr(model, 'xlora') or tuners(model) or getattr(model, 'subspace', None):
+        raise ValueError(f"{where}: an X-LoRA loads into a plain model (no X-LoRA, no tuning): remove it first")
+
+def _rebuild(model, factors: dict, hp: dict, seed: int, where, load) -> nn.Module:
+    "X-LoRA on the plain `model` over the experts rebuilt from `factors`; `load(model)` puts the saved classifier (and head) in. All or nothing."
+    _attach(model, _lora_experts(model, factors, where), hp, seed)
+    try: load(model)
+    except RuntimeError as e:                                        # load_state_dict's: names or shapes that differ
+        remove_xlora(model); raise ValueError(f"{where}: X-LoRA's classifier does not load ({e})") from None
+    except BaseException:
+        remove_xlora(model); raise
+    return model
+
 def save_xlora(model: nn.Module, path) -> Path:
     "Save X-LoRA into folder `path`: its settings and each expert's factors per layer (json), the classifier, the task head and the factors (safetensors)."
     xl = _xl(model)
@@ -489,22 +504,18 @@ def load_xlora(model: nn.Module, path, seed: int = 0) -> nn.Module:
     "X-LoRA from `save_xlora`'s folder on a plain `model` of the same base: the experts rebuilt from their factors. All or nothing."
     path = Path(path)
     cfg, state = json.loads((path / XLORA_CONFIG).read_text()), load_file(str(path / XLORA_WEIGHTS))
-    if hasattr(model, 'xlora') or tuners(model):
-        raise ValueError("load_xlora needs a plain model (no X-LoRA, no tuners in its layers)")
+    _need_plain(model, path)
     hp, drops = check_xlora(cfg['hp'], len(cfg['experts'])), cfg.get('dropout', {})      # folders before dropout: none
     factors = {e: {n: (A := state[f'{e}/{n}.A'], state[f'{e}/{n}.B'],
                        dict(r=A.shape[0], alpha=s * A.shape[0], dropout=drops.get(e, {}).get(n, 0.0)))
                    for n, s in cfg['scales'][e].items()} for e in cfg['experts']}
-    _attach(model, _lora_experts(model, factors, path), hp, seed)
-    try:
-        model.xlora.classifier.load_state_dict({k[len('classifier.'):]: v for k, v in state.items() if k.startswith('classifier.')})
+    def load(m):
+        m.xlora.classifier.load_state_dict({k[len('classifier.'):]: v for k, v in state.items() if k.startswith('classifier.')})
         head = {k[len('head/'):]: v for k, v in state.items() if k.startswith('head/')}
-        if set(head) != {k for h in model.xlora.heads for k in model.get_submodule(h).state_dict(prefix=f'{h}.')}:
-            raise ValueError(f"{path}: the saved task head ({_short(sorted(head))}) is not this model's ({model.xlora.heads})")
-        model.load_state_dict(head, strict=False)
-    except BaseException:
-        remove_xlora(model); raise
-    return model
+        if set(head) != {k for h in m.xlora.heads for k in m.get_submodule(h).state_dict(prefix=f'{h}.')}:
+            raise ValueError(f"{path}: the saved task head ({_short(sorted(head))}) is not this model's ({m.xlora.heads})")
+        m.load_state_dict(head, strict=False)
+    return _rebuild(model, factors, hp, seed, path, load)
 
 def xlora_from_state(model: nn.Module, rec: dict, state: dict, where) -> nn.Module:
     "X-LoRA on the plain `model` from a Hugging Face save path: `rec` its `config.subspace_xlora`, `state` the checkpoint's tensors (read by `from_pretrained`)."
@@ -515,12 +526,8 @@ def xlora_from_state(model: nn.Module, rec: dict, state: dict, where) -> nn.Modu
             if A is None or B is None: lost.append(f'{n}.A.{k}'); continue
             factors[rec['experts'][j]][n] = (A, B, dict(r=r, alpha=alpha, dropout=p))
     if lost: raise ValueError(f"{where}: the checkpoint lacks X-LoRA's expert factors {_short(lost, 3)}")
-    _attach(model, _lora_experts(model, factors, where), hp, rec.get('seed', 0))
-    try: model.xlora.classifier.load_state_dict({k[len('xlora.classifier.'):]: v for k, v in state.items()
-                                                  if k.startswith('xlora.classifier.')})
-    except RuntimeError as e:
-        remove_xlora(model); raise ValueError(f"{where}: X-LoRA's classifier does not load ({e})") from None
-    return model
+    cls = {k[len('xlora.classifier.'):]: v for k, v in state.items() if k.startswith('xlora.classifier.')}
+    return _rebuild(model, factors, hp, rec.get('seed', 0), where, lambda m: m.xlora.classifier.load_state_dict(cls))
 
 CHECKPOINT_READERS['subspace_xlora'] = xlora_from_state
 
